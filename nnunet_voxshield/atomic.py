@@ -1,0 +1,48 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "") -> None:
+    """Call write(tmp_path) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or "".join(path.suffixes))
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; released data must be readable like any other
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(obj, path: str | Path) -> None:
+    atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2, default=_jsonable)))
+
+
+def save_npy(arr: np.ndarray, path: str | Path) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+    atomic_write(path, write, suffix=".npy")
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

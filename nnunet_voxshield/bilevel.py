@@ -1,0 +1,151 @@
+"""The bilevel min-min loop: surrogate steps on x + delta, then error-minimising noise steps on every case.
+
+    min_theta E_i [ min_{|delta_i| <= eps}  Seg(f(x_i + R delta_i), y_i) - lambda_z ZDiv(delta_i)
+                                              - lambda_s |f(x_i + R delta_i) - f(x_i)| ]
+
+delta lives on nnU-Net's cropped grid in normalised units; R is nnU-Net's resampling to the preprocessed grid.
+Noise steps sample patches the way nnU-Net's data loader does and pass them through random nnU-Net-like
+augmentations (expectation over transformation), because the victim trains on augmented patches.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from tqdm import tqdm
+
+from nnunet_voxshield.budget import project
+
+
+@dataclass
+class Schedule:
+    """How long and how hard the two levels are optimised."""
+    rounds: int = 30
+    surrogate_iters: int = 10      # surrogate training batches per round (the paper's 10)
+    noise_steps: int = 1           # signed-gradient steps per case per round
+    step_size: float = 0.25        # step as a fraction of eps
+    patches: int = 0               # patches per noise step (0: the plans' batch size)
+    eot: bool = True               # optimise through random nnU-Net-like augmentations
+    stop_ratio: float = 0.0        # stop once loss(x+delta)/loss(x) falls below this (0: never)
+
+
+@dataclass
+class CaseState:
+    """Everything the loop needs about one training case."""
+    identifier: str
+    resample: object               # cropped grid -> preprocessed grid (differentiable)
+    eps: torch.Tensor              # [C] budget in normalised units
+    mask: torch.Tensor             # cropped grid, True where delta may be nonzero
+    delta: torch.Tensor            # [C, *cropped shape]
+    slice_axis: int                # through-plane axis in preprocessed spatial order
+    probe_bbox: list = field(default=None)  # fixed foreground patch used to measure the shortcut
+
+
+def to_device_case(dataset, identifier: str, device: torch.device):
+    """Clean preprocessed data, target (outside-nonzero -1 mapped to background) and properties of one case."""
+    data, seg, _, props = dataset.load_case(identifier)
+    x = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(seg).astype(np.int16)).to(device)
+    return x, torch.clamp(y, min=0), props
+
+
+class Bilevel:
+    """Runs rounds of (surrogate steps, noise pass) on an initialised nnUNetTrainerVoxShieldSurrogate."""
+
+    def __init__(self, trainer, dataset, cases: list[CaseState], objective, schedule: Schedule, eot=None,
+                 generator: torch.Generator | None = None):
+        """`dataset` is the clean nnU-Net dataset of the cases; `eot` must draw from `generator`."""
+        self.trainer, self.dataset, self.cases, self.objective = trainer, dataset, cases, objective
+        self.schedule = schedule
+        self.eot = eot if schedule.eot else None
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.device = trainer.device
+        self.patch_size = list(trainer.configuration_manager.patch_size)
+        self.n_patches = schedule.patches or trainer.batch_size
+        self.sampler = nnUNetDataLoader(self.dataset, self.n_patches, self.patch_size, self.patch_size,
+                                        trainer.label_manager,
+                                        oversample_foreground_percent=trainer.oversample_foreground_percent)
+
+    # ---- surrogate level -------------------------------------------------------------------------------------
+    def surrogate_steps(self, round_idx: int) -> float:
+        t = self.trainer
+        t.network.train()
+        t.lr_scheduler.step(round_idx)
+        losses = [float(t.train_step(next(t.dataloader_train))["loss"]) for _ in range(self.schedule.surrogate_iters)]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # ---- noise level -----------------------------------------------------------------------------------------
+    def _patches(self, tensors, props, bboxes=None):
+        """Crop nnU-Net-style patches (foreground-oversampled, padded at borders) from each tensor [C, ...]."""
+        shape = tensors[0].shape[1:]
+        if bboxes is None:
+            bboxes = []
+            for j in range(self.n_patches):
+                lbs, ubs = self.sampler.get_bbox(shape, self.sampler.get_do_oversample(j), props["class_locations"])
+                bboxes.append([[a, b] for a, b in zip(lbs, ubs)])
+        return [torch.stack([crop_and_pad_nd(t, bb, 0) for bb in bboxes]) for t in tensors], bboxes
+
+    def _augmented_pair(self, x_adv, x_clean, y):
+        """The same random augmentation applied to the perturbed and the clean patches."""
+        if self.eot is None:
+            return x_adv, x_clean, y
+        state = self.generator.get_state()
+        xa, ya = self.eot(x_adv, y)
+        self.generator.set_state(state)
+        with torch.no_grad():
+            xc, _ = self.eot(x_clean, y)
+        return xa, xc, ya
+
+    def noise_update(self, case: CaseState) -> dict:
+        x, y, props = to_device_case(self.dataset, case.identifier, self.device)
+        net = self.trainer.network
+        net.eval()
+        parts = {}
+        for _ in range(self.schedule.noise_steps):
+            delta = case.delta.detach().clone().requires_grad_(True)
+            x_adv = x + case.resample(delta)
+            (pa, pc, py), _ = self._patches([x_adv, x, y], props)
+            xa, xc, ya = self._augmented_pair(pa, pc, py)
+            logits_clean = None
+            if self.objective.lambda_s > 0:
+                with torch.no_grad():
+                    logits_clean = net(xc)
+            total, parts = self.objective(net(xa), ya, delta[None], case.slice_axis, logits_clean)
+            grad, = torch.autograd.grad(total, delta)
+            step = self.schedule.step_size * case.eps.to(delta).view(-1, *[1] * (delta.ndim - 1))
+            case.delta = project(delta.detach() - step * grad.sign(), case.eps, case.mask)
+        return parts
+
+    # ---- measurement -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def shortcut(self) -> dict:
+        """Surrogate loss on a fixed foreground patch per case, on x + delta and on clean x, and their ratio."""
+        net = self.trainer.network
+        net.eval()
+        adv, clean = [], []
+        for case in self.cases:
+            x, y, props = to_device_case(self.dataset, case.identifier, self.device)
+            (pa, pc, py), case.probe_bbox = self._patches([x + case.resample(case.delta), x, y], props,
+                                                         case.probe_bbox)
+            adv.append(float(self.trainer.loss(net(pa[:1]), py[:1])))
+            clean.append(float(self.trainer.loss(net(pc[:1]), py[:1])))
+        return {"loss_perturbed": float(np.mean(adv)), "loss_clean": float(np.mean(clean)),
+                "ratio": float(np.mean(adv) / max(np.mean(clean), 1e-12))}
+
+    def perturbed_inputs(self, case: CaseState) -> np.ndarray:
+        """R(delta) on the preprocessed grid, what the surrogate's data loader adds to the case."""
+        with torch.no_grad():
+            return case.resample(case.delta).cpu().numpy().astype(np.float32)
+
+    def run_round(self, round_idx: int, publish) -> dict:
+        """One round; `publish(case, perturbed_input)` makes the new delta visible to the data loader."""
+        surrogate_loss = self.surrogate_steps(round_idx)
+        parts = []
+        for case in tqdm(self.cases, desc=f"round {round_idx + 1} noise", leave=False, disable=None):
+            parts.append(self.noise_update(case))
+            publish(case, self.perturbed_inputs(case))
+        record = {"round": round_idx + 1, "surrogate_train_loss": surrogate_loss,
+                  **{k: float(np.mean([p[k] for p in parts])) for k in (parts[0] if parts else {})},
+                  **self.shortcut()}
+        return record

@@ -1,0 +1,1 @@
+"""Console entry points (`nnUNetv2_voxshield_*`)."""

@@ -1,0 +1,6 @@
+"""`nnUNetv2_voxshield_trainers_path`: print the folder to put in nnUNet_extTrainer."""
+from nnunet_voxshield.nnunet_env import trainers_dir
+
+
+def main():
+    print(trainers_dir())

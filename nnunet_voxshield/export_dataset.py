@@ -1,0 +1,69 @@
+"""Write the protected raw dataset: perturbed training images, everything else copied, and the run's report."""
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_voxshield.atomic import save_json
+from nnunet_voxshield.bridge import delta_to_raw, resampler
+from nnunet_voxshield.export import copy_dataset, write_protected_case
+from nnunet_voxshield.objectives import zdiv_profile
+from nnunet_voxshield.preview import save_preview
+from nnunet_voxshield.report import channel_report, summarise
+from nnunet_voxshield.survival import survival
+
+REPORT = "voxshield.json"
+PREVIEW = "voxshield_preview.png"
+PROGRESS = ".voxshield_export.json"
+
+
+def export_dataset(src, out, cases, deltas: dict, run_info: dict) -> Path:
+    """Build the dataset in `out.partial` (resuming finished cases), then move it into place."""
+    t0 = time.time()
+    work = out.partial
+    work.mkdir(parents=True, exist_ok=True)
+    copy_dataset(src.raw, work, out.name)
+    progress_file = work / PROGRESS
+    done = _load(progress_file)
+    clean_pre = src.preprocessed_dataset()
+    for case in tqdm(cases, desc="writing protected cases", disable=None):
+        if case.identifier in done:
+            continue
+        src_files = src.files[case.identifier]["images"]
+        dst_files = [str(work / "imagesTr" / Path(f).name) for f in src_files]
+        delta = deltas[case.identifier].detach().cpu().numpy().astype(np.float64)
+        eps_raw = case.eps_norm * case.grid.raw_per_norm
+        write_protected_case(src_files, dst_files, delta_to_raw(delta, case.grid), eps_raw)
+        data_pre = np.asarray(clean_pre.load_case(case.identifier)[0])
+        surv = survival(case.grid, dst_files, data_pre, delta, src.plans_manager, src.configuration_manager,
+                        src.dataset_json)
+        done[case.identifier] = {
+            "identifier": case.identifier, "slice_axis": case.slice_axis,
+            "foreground_voxels": case.foreground_voxels, "eps_norm": case.eps_norm.tolist(),
+            "channels": [channel_report(s, d, e, w) for s, d, e, w in
+                         zip(src_files, dst_files, eps_raw, case.grid.window * case.grid.raw_per_norm)],
+            "survival": surv}
+        save_json(done, progress_file)
+    reports = [done[c.identifier] for c in cases]
+    preview_case = max(cases, key=lambda c: c.foreground_voxels)
+    _preview(work / PREVIEW, clean_pre, preview_case, deltas[preview_case.identifier])
+    run_info["timings_s"]["export"] = round(time.time() - t0, 1)
+    save_json({**run_info, "source": src.name, "protected": out.name, "summary": summarise(reports),
+               "cases": reports}, work / REPORT)
+    progress_file.unlink()
+    return out.commit()
+
+
+def _preview(path: Path, clean_pre, case, delta: torch.Tensor) -> None:
+    """Slices of the case in nnU-Net's preprocessed space, clean and with R(delta)."""
+    x = np.asarray(clean_pre.load_case(case.identifier)[0], dtype=np.float32)
+    with torch.no_grad():
+        x_adv = x + resampler(case.grid)(delta.float()).numpy()
+    save_preview(path, x, x_adv, case.slice_axis, f"{case.identifier}: clean vs protected", zdiv_profile)
+
+
+def _load(path: Path) -> dict:
+    import json
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,227 @@
+"""`nnUNetv2_voxshield_protect`: optimise the perturbations of a raw dataset and write the protected raw dataset."""
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_voxshield import __version__
+from nnunet_voxshield.atomic import save_npy
+from nnunet_voxshield.bilevel import Bilevel, CaseState, Schedule
+from nnunet_voxshield.bridge import preprocess_case, resampler
+from nnunet_voxshield.budget import eps_norm, project, roi_mask, validate_eps, parse_roi
+from nnunet_voxshield.eot import EOTAugment
+from nnunet_voxshield.errors import VoxShieldError
+from nnunet_voxshield.export_dataset import export_dataset
+from nnunet_voxshield.nnunet_env import register_ext_trainer, require_env
+from nnunet_voxshield.objectives import VoxShieldObjective, select_slice_axis
+from nnunet_voxshield.output import OutputDataset
+from nnunet_voxshield.run_state import RunState, fingerprint
+from nnunet_voxshield.source import Source, load_source
+from nnunet_voxshield.surrogate import nnUNetTrainerVoxShieldSurrogate
+
+METHODS = ("voxshield", "random")
+
+
+@dataclass
+class ProtectSettings:
+    dataset: str
+    output_id: int | None = None
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    device: str = "cuda"
+    method: str = "voxshield"      # "random": uniform noise of the same budget and ROI (baseline)
+    eps: float | None = None       # paper unit (fraction of a +-5 sigma window); default 4/255
+    eps_raw: float | None = None   # absolute raw-intensity budget instead
+    lambda_z: float = 0.2
+    lambda_s: float = 0.05
+    roi: str = "label"
+    slice_axis: int | None = None
+    schedule: Schedule = field(default_factory=Schedule)
+    seed: int = 0
+    warm_start: str | None = None
+    overwrite: bool = False
+    resume_only: bool = False      # --continue: fail if there is nothing to resume
+    num_processes: int = 2
+
+    def optimisation_key(self) -> dict:
+        """The settings that define the optimised perturbations (a resumed run must match them)."""
+        d = asdict(self)
+        for k in ("dataset", "output_id", "device", "overwrite", "resume_only", "num_processes"):
+            d.pop(k)
+        return d
+
+
+def validate(s: ProtectSettings) -> None:
+    validate_eps(s.eps, s.eps_raw)
+    parse_roi(s.roi)
+    if s.method not in METHODS:
+        raise VoxShieldError(f"--method must be one of {', '.join(METHODS)}; got {s.method!r}")
+    if s.lambda_z < 0 or s.lambda_s < 0:
+        raise VoxShieldError("--lambda-z and --lambda-s must be >= 0")
+    if s.schedule.rounds < 1 or s.schedule.noise_steps < 1 or s.schedule.surrogate_iters < 0:
+        raise VoxShieldError("--rounds and --noise-steps must be >= 1 and --surrogate-iters >= 0")
+    if s.slice_axis is not None and s.slice_axis not in (0, 1, 2):
+        raise VoxShieldError(f"--slice-axis must be 0, 1 or 2 (preprocessed axis order); got {s.slice_axis}")
+
+
+def get_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VoxShieldError("-device cuda but no CUDA GPU is visible; use -device cpu (slow) or check CUDA_VISIBLE_DEVICES")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise VoxShieldError("-device mps but MPS is not available on this machine; use -device cpu")
+    if name not in ("cuda", "cpu", "mps"):
+        raise VoxShieldError(f"-device must be cuda, cpu or mps; got {name!r}")
+    return torch.device(name)
+
+
+@dataclass
+class PreparedCase:
+    """A training case with its grid, budget and region, ready for optimisation and export."""
+    identifier: str
+    grid: object
+    eps_norm: np.ndarray
+    mask: np.ndarray
+    slice_axis: int
+    foreground_voxels: int
+
+
+def prepare_case(src: Source, identifier: str, s: ProtectSettings) -> PreparedCase:
+    files = src.files[identifier]
+    data_pre, seg_pre, props, grid = preprocess_case(files["images"], files["label"], src.plans_manager,
+                                                     src.configuration_manager, src.dataset_json, identifier)
+    rw = src.plans_manager.image_reader_writer_class()
+    raw, raw_props = rw.read_images(files["images"])
+    bad = ~np.isfinite(raw)
+    if bad.any():
+        c = int(np.argwhere(bad)[0][0])
+        raise VoxShieldError(f"case {identifier} has NaN/Inf voxels in channel {c} ({files['images'][c]}); "
+                             f"fix or remove the case before protecting")
+    seg_raw, _ = rw.read_seg(files["label"])
+    if seg_raw.shape[1:] != raw.shape[1:]:
+        raise VoxShieldError(f"case {identifier}: label shape {seg_raw.shape[1:]} != image shape {raw.shape[1:]}; "
+                             f"fix the dataset (nnUNetv2_plan_and_preprocess --verify_dataset_integrity)")
+    tf = [0] + [i + 1 for i in src.plans_manager.transpose_forward]
+    crop = tuple(slice(a, b) for a, b in grid.bbox)
+    nonzero = (raw.transpose(tf)[(slice(None), *crop)] != 0).any(0)
+    seg = seg_raw.transpose(tf)[(0, *crop)]
+    mask = roi_mask(seg, nonzero, s.roi)
+    eps = eps_norm(grid.window, grid.raw_per_norm, s.eps, s.eps_raw)
+    axis = select_slice_axis(raw_props["spacing"], src.plans_manager.transpose_forward, s.slice_axis)
+    return PreparedCase(identifier, grid, eps, mask, axis, int((seg > 0).sum()))
+
+
+def initial_delta(case: PreparedCase, rng: np.random.Generator) -> torch.Tensor:
+    """Uniform in [-eps, eps] inside the region (the paper's initialisation, and the random-noise baseline)."""
+    shape = (len(case.eps_norm), *case.mask.shape)
+    u = torch.from_numpy(rng.uniform(-1, 1, shape).astype(np.float32))
+    eps = torch.from_numpy(case.eps_norm.astype(np.float32))
+    return project(u * eps.view(-1, 1, 1, 1), eps, torch.from_numpy(case.mask))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def surrogate_folder(src: Source) -> Path:
+    """nnU-Net's output folder of the surrogate trainer: checkpoints and run state live there, never in the release."""
+    return (Path(require_env()["nnUNet_results"]) / src.name /
+            f"{nnUNetTrainerVoxShieldSurrogate.__name__}__{src.plans_manager.plans_name}__{src.configuration}" / "fold_all")
+
+
+def build_trainer(src: Source, s: ProtectSettings, device: torch.device, resuming: bool):
+    register_ext_trainer()
+    plans = dict(src.plans)
+    plans["continue_training"] = resuming
+    trainer = nnUNetTrainerVoxShieldSurrogate(plans, src.configuration, "all", src.dataset_json, device)
+    trainer.num_epochs = s.schedule.rounds  # nnU-Net's poly learning-rate schedule spans the rounds
+    trainer.initialize()
+    if s.warm_start:
+        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+        if not Path(s.warm_start).is_file():
+            raise VoxShieldError(f"--warm-start {s.warm_start}: no such checkpoint file")
+        load_pretrained_weights(trainer.network, s.warm_start, verbose=False)
+    return trainer
+
+
+def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings, device: torch.device,
+             generator: torch.Generator) -> tuple[dict, list]:
+    """Run (or resume) the bilevel loop; return the final deltas (cropped grid, normalised) and the history."""
+    rng = np.random.default_rng(s.seed)
+    deltas = {c.identifier: initial_delta(c, rng) for c in cases}
+    if s.method == "random":
+        return deltas, []
+    trainer = build_trainer(src, s, device, resuming=False)
+    state = RunState(Path(trainer.output_folder), s.optimisation_key())
+    state.check_compatible(s.overwrite)
+    if s.resume_only and not state.committed:
+        raise VoxShieldError(f"--continue: nothing to resume in {trainer.output_folder}; run without --continue")
+    if state.committed:
+        deltas = state.restore(trainer, generator)
+        print(f"voxshield: resuming after round {state.rounds_done} from {trainer.output_folder}")
+    history = state.history
+    if state.committed and state.committed["finished"]:
+        return deltas, history
+
+    states = [CaseState(c.identifier, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
+                        torch.from_numpy(c.mask).to(device), deltas[c.identifier].to(device), c.slice_axis)
+              for c in cases]
+    trainer.perturbation_folder.mkdir(parents=True, exist_ok=True)
+
+    def publish(case: CaseState, perturbed_input: np.ndarray):
+        save_npy(perturbed_input, trainer.perturbation_folder / f"{case.identifier}.npy")
+
+    rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    loop = Bilevel(trainer, src.preprocessed_dataset(), states,
+                   VoxShieldObjective(trainer.loss, s.lambda_z, s.lambda_s), s.schedule,
+                   EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator)
+    for case in states:
+        publish(case, loop.perturbed_inputs(case))
+    trainer.on_train_start()
+    bar = tqdm(range(state.rounds_done, s.schedule.rounds), desc="VoxShield rounds", initial=state.rounds_done,
+               total=s.schedule.rounds, disable=None)
+    for r in bar:
+        record = loop.run_round(r, publish)
+        history.append(record)
+        bar.set_postfix(ratio=f"{record['ratio']:.3f}", seg=f"{record.get('seg', float('nan')):.3f}")
+        done = r + 1 == s.schedule.rounds or record["ratio"] < s.schedule.stop_ratio
+        state.save(trainer, r + 1, {c.identifier: c.delta for c in states}, history, generator, finished=done)
+        if done:
+            break
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    return {c.identifier: c.delta.cpu() for c in states}, history
+
+
+def protect(s: ProtectSettings) -> Path:
+    """The whole job; returns the folder of the protected raw dataset."""
+    validate(s)
+    device = get_device(s.device)
+    src = load_source(s.dataset, s.configuration, s.plans)
+    out = OutputDataset.choose(src.name, s.output_id, s.overwrite)
+    generator = seed_everything(s.seed)
+    t0 = time.time()
+    cases = [prepare_case(src, i, s) for i in tqdm(src.identifiers, desc="preparing cases", disable=None)]
+    deltas, history = optimise(src, cases, s, device, generator)
+    t1 = time.time()
+    run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)}, "version": __version__,
+                "work_folder": str(surrogate_folder(src)) if s.method == "voxshield" else None,
+                "run_fingerprint": fingerprint(s.optimisation_key()),
+                "versions": versions(), "history": history,
+                "timings_s": {"optimisation": round(t1 - t0, 1)}}
+    folder = export_dataset(src, out, cases, deltas, run_info)
+    return folder
+
+
+def versions() -> dict:
+    import platform
+    from importlib.metadata import version
+
+    import SimpleITK
+    return {"voxshield": __version__, "nnunetv2": version("nnunetv2"), "torch": torch.__version__,
+            "numpy": np.__version__, "SimpleITK": SimpleITK.Version_VersionString(), "python": platform.python_version()}

@@ -1,0 +1,54 @@
+"""The surrogate: nnU-Net's own planned network and training step, trained only on x + delta.
+
+The trainer is stock nnUNetTrainer except that every case it loads carries the current perturbation. Perturbations
+are read from files (one `.npy` per case, already on the preprocessed grid) at every load, so nnU-Net's augmentation
+worker processes (nnUNet_n_proc_DA > 0) always see the latest round's delta without sharing memory.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class PerturbedDataset:
+    """Wraps an nnU-Net dataset; `load_case` returns data + the case's perturbation file (if any)."""
+
+    def __init__(self, base, perturbation_folder: Path):
+        self.base = base
+        self.identifiers = base.identifiers
+        self.perturbation_folder = Path(perturbation_folder)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self.base.load_case(identifier)
+        f = self.perturbation_folder / f"{identifier}.npy"
+        if f.is_file():
+            data = np.asarray(data, dtype=np.float32) + np.load(f)
+        return data, seg, seg_prev, properties
+
+    __getitem__ = load_case
+
+
+class nnUNetTrainerVoxShieldSurrogate(nnUNetTrainer):
+    """nnU-Net trainer whose training data is the perturbed dataset x + delta.
+
+    Deep supervision is off: the noise step needs one full-resolution output, and training the surrogate with the
+    same single-output loss keeps both levels of the bilevel problem on the same objective.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.perturbation_folder = Path(self.output_folder) / "perturbed_inputs"
+        self.save_every = 10 ** 9  # the bilevel loop checkpoints itself, together with the perturbations
+
+    def get_tr_and_val_datasets(self):
+        tr, val = super().get_tr_and_val_datasets()
+        return PerturbedDataset(tr, self.perturbation_folder), PerturbedDataset(val, self.perturbation_folder)
+
+    def plot_network_architecture(self):
+        """Skipped: it needs hiddenlayer/graphviz and adds nothing to a protection run."""

@@ -1,0 +1,76 @@
+"""Tiny raw nnU-Net datasets made by the tests themselves (no downloads)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter
+
+
+def _case(rng, shape, n_channels, body, dtype, channel_kind):
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    c = rng.uniform(-0.25, 0.25, 3)
+    r = rng.uniform(0.35, 0.5, 3)
+    d = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2
+    seg = np.zeros(shape, np.uint8)
+    seg[d < 1] = 1
+    seg[d < 0.35] = 2
+    body_mask = (zz ** 2 + yy ** 2 + xx ** 2) < 0.95 if body else np.ones(shape, bool)
+    seg[~body_mask] = 0
+    images = []
+    for ch in range(n_channels):
+        base = gaussian_filter(rng.normal(0, 1, shape), 2) * 3
+        img = base + 10 * (seg == 1) * (1 + 0.5 * ch) + 25 * (seg == 2) + rng.normal(0, 1.5, shape)
+        if channel_kind == "CT":
+            img = img * 20 - 100  # HU-like
+        else:
+            img = img + 50
+        img[~body_mask] = 0
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            img = np.clip(np.round(img), info.min, info.max)
+        images.append(img.astype(dtype))
+    return images, seg
+
+
+def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz, origin=(3.0, -2.0, 1.5)) -> None:
+    img = sitk.GetImageFromArray(arr_zyx)
+    img.SetSpacing(tuple(float(s) for s in spacing_xyz))
+    img.SetOrigin(origin)
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
+    sitk.WriteImage(img, str(path))
+
+
+def make_raw_dataset(raw_root, dataset_id: int, name: str = "Tiny", n_train: int = 8, n_test: int = 2,
+                     shape=(32, 32, 32), spacing_xyz=(1.0, 1.0, 1.0), channels=("MRI",),
+                     dtype=np.float32, file_ending: str = ".nii.gz", body: bool = False, seed: int = 0,
+                     vary_shape: bool = False) -> Path:
+    """Write `DatasetXXX_Name` with ellipsoid labels (1 outer, 2 inner); shape is (z, y, x) of the arrays.
+
+    channel name "CT" selects nnU-Net's CT normalisation; `body` zeroes voxels outside a sphere so that
+    nnU-Net's crop-to-nonzero and masked z-scoring come into play.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    kind = "CT" if channels[0] == "CT" else "MRI"
+    for i in range(n_train + n_test):
+        split = "Tr" if i < n_train else "Ts"
+        case = f"{name.lower()}_{i:03d}"
+        shp = tuple(s + (int(rng.integers(-2, 3)) if vary_shape else 0) for s in shape)
+        images, seg = _case(rng, shp, len(channels), body, dtype, kind)
+        for ch, img in enumerate(images):
+            write_image(img, root / f"images{split}" / f"{case}_{ch:04d}{file_ending}", spacing_xyz)
+        write_image(seg, root / f"labels{split}" / f"{case}{file_ending}", spacing_xyz)
+    dataset_json = {
+        "channel_names": {str(i): c for i, c in enumerate(channels)},
+        "labels": {"background": 0, "outer": 1, "inner": 2},
+        "numTraining": n_train,
+        "file_ending": file_ending,
+        "name": name,
+        "description": "VoxShield test dataset",
+        "reference": "made by tests/synthetic.py",
+    }
+    (root / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return root

@@ -1,0 +1,117 @@
+"""Plan, preprocess, protect, check, re-plan the protected set and train a stock victim on it; resume after kill -9."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_voxshield.cli import check as check_cli
+from nnunet_voxshield.cli import protect as protect_cli
+from nnunet_voxshield.nnunet_env import plan_and_preprocess
+from synthetic import make_raw_dataset
+
+SRC, OUT = 991, 691
+FAST = ["-device", "cpu", "--rounds", "2", "--surrogate-iters", "2"]
+
+
+def tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A tiny anisotropic int16 CT-like dataset, planned and preprocessed by stock nnU-Net."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {n: str(root / n) for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for d in env.values():
+        Path(d).mkdir()
+    make_raw_dataset(env["nnUNet_raw"], SRC, n_train=4, n_test=2, shape=(16, 32, 32), spacing_xyz=(1, 1, 2.5),
+                     channels=("CT",), dtype=np.int16, body=True)
+    plan_and_preprocess(SRC)
+    yield {k: Path(v) for k, v in env.items()}
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def test_protect_check_and_stock_victim(planned):
+    src = planned["nnUNet_raw"] / f"Dataset{SRC}_Tiny"
+    before = tree_hash(src)
+    assert protect_cli.main(["-d", str(SRC), "-o", str(OUT), *FAST]) == 0
+    assert tree_hash(src) == before, "the source dataset must never be modified"
+    out = planned["nnUNet_raw"] / f"Dataset{OUT}_TinyVoxShield"
+    report = json.loads((out / "voxshield.json").read_text())
+    assert len(report["history"]) == 2
+    assert report["summary"]["max_budget_fraction"] <= 1
+    assert report["summary"]["min_survival_corr"] > 0.9
+    assert (out / "voxshield_preview.png").stat().st_size > 10_000
+    assert check_cli.main(["-d", str(SRC), "-pd", str(OUT)]) == 0
+
+    # an output that exists is refused without --overwrite, with a one-line error
+    with pytest.raises(SystemExit) as e:
+        protect_cli.main(["-d", str(SRC), "-o", str(OUT), *FAST])
+    assert e.value.code == 2
+
+    # stock nnU-Net takes the protected dataset as it is: plan, preprocess, one training step of nnUNetTrainer
+    plan_and_preprocess(OUT)
+    from nnunetv2.run.run_training import get_trainer_from_args
+    trainer = get_trainer_from_args(str(OUT), "3d_fullres", "all", "nnUNetTrainer", device=torch.device("cpu"))
+    trainer.on_train_start()
+    loss = trainer.train_step(next(trainer.dataloader_train))["loss"]
+    assert np.isfinite(loss)
+    trainer.on_train_end()
+
+
+def test_check_reports_a_budget_violation(planned):
+    out = planned["nnUNet_raw"] / f"Dataset{OUT}_TinyVoxShield"
+    if not out.exists():
+        pytest.skip("needs the protected dataset of the previous test")
+    import SimpleITK as sitk
+    f = sorted((out / "imagesTr").iterdir())[0]
+    img = sitk.ReadImage(str(f))
+    arr = sitk.GetArrayFromImage(img)
+    arr[arr != 0] += 1000
+    tampered = sitk.GetImageFromArray(arr)
+    tampered.CopyInformation(img)
+    sitk.WriteImage(tampered, str(f))
+    assert check_cli.main(["-d", str(SRC), "-pd", str(OUT)]) == 1
+
+
+def test_resume_after_kill(planned):
+    """SIGKILL a run after its first committed round; the same command resumes it and the result passes check."""
+    results = planned["nnUNet_results"] / f"Dataset{SRC}_Tiny"
+    run_file = next(results.glob("nnUNetTrainerVoxShieldSurrogate__*"), results) / "fold_all" / "voxshield_run.json"
+    args = [sys.executable, "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "692", "-device", "cpu",
+            "--rounds", "3", "--surrogate-iters", "2", "--seed", "1", "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        run_file = next(results.glob("nnUNetTrainerVoxShieldSurrogate__*")) / "fold_all" / "voxshield_run.json"
+        if run_file.is_file() and json.loads(run_file.read_text())["rounds_done"] >= 1 \
+                and json.loads(run_file.read_text())["settings"]["seed"] == 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (planned["nnUNet_raw"] / "Dataset692_TinyVoxShield").exists()
+    resumed = subprocess.run(args[:-1], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after round" in resumed.stdout
+    report = json.loads((planned["nnUNet_raw"] / "Dataset692_TinyVoxShield" / "voxshield.json").read_text())
+    assert [h["round"] for h in report["history"]] == [1, 2, 3]
+    assert check_cli.main(["-d", str(SRC), "-pd", "692"]) == 0
