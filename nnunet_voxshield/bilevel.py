@@ -7,10 +7,12 @@ delta lives on nnU-Net's cropped grid in normalised units; R is nnU-Net's resamp
 Noise steps sample patches the way nnU-Net's data loader does and pass them through random nnU-Net-like
 augmentations (expectation over transformation), because the victim trains on augmented patches.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from tqdm import tqdm
@@ -27,7 +29,7 @@ class Schedule:
     step_size: float = 0.25        # step as a fraction of eps
     patches: int = 0               # patches per noise step (0: the plans' batch size)
     eot: bool = True               # optimise through random nnU-Net-like augmentations
-    stop_ratio: float = 0.0        # stop once loss(x+delta)/loss(x) falls below this (0: never)
+    stop_ratio: float = 0.0        # stop once CE(x+delta)/CE(x) of the surrogate falls below this (0: never)
 
 
 @dataclass
@@ -108,19 +110,29 @@ class Bilevel:
             (pa, pc, py), _ = self._patches([x_adv, x, y], props)
             xa, xc, ya = self._augmented_pair(pa, pc, py)
             logits_clean = None
-            if self.objective.lambda_s > 0:
-                with torch.no_grad():
-                    logits_clean = net(xc)
-            total, parts = self.objective(net(xa), ya, delta[None], case.slice_axis, logits_clean)
-            grad, = torch.autograd.grad(total, delta)
+            with self._autocast():
+                if self.objective.lambda_s > 0:
+                    with torch.no_grad():
+                        logits_clean = net(xc)
+                total, parts = self.objective(net(xa), ya, delta[None], case.slice_axis, logits_clean)
+            # only the sign is used: scaling keeps float16 gradients from underflowing under autocast
+            grad, = torch.autograd.grad(total * (1024.0 if self.device.type == "cuda" else 1.0), delta)
             step = self.schedule.step_size * case.eps.to(delta).view(-1, *[1] * (delta.ndim - 1))
             case.delta = project(delta.detach() - step * grad.sign(), case.eps, case.mask)
         return parts
 
+    def _autocast(self):
+        """Mixed precision on CUDA, as nnU-Net's own train_step; full precision elsewhere."""
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
+
     # ---- measurement -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def shortcut(self) -> dict:
-        """Surrogate loss on a fixed foreground patch per case, on x + delta and on clean x, and their ratio."""
+        """Surrogate cross-entropy on a fixed foreground patch per case, on x + delta and on clean x, and the ratio.
+
+        Cross-entropy rather than nnU-Net's Dice+CE, whose Dice part is negative, so that the ratio means something:
+        far below 1 is a shortcut, about 1 is none.
+        """
         net = self.trainer.network
         net.eval()
         adv, clean = [], []
@@ -128,9 +140,10 @@ class Bilevel:
             x, y, props = to_device_case(self.dataset, case.identifier, self.device)
             (pa, pc, py), case.probe_bbox = self._patches([x + case.resample(case.delta), x, y], props,
                                                          case.probe_bbox)
-            adv.append(float(self.trainer.loss(net(pa[:1]), py[:1])))
-            clean.append(float(self.trainer.loss(net(pc[:1]), py[:1])))
-        return {"loss_perturbed": float(np.mean(adv)), "loss_clean": float(np.mean(clean)),
+            target = py[:1, 0].long()
+            adv.append(float(F.cross_entropy(net(pa[:1]), target)))
+            clean.append(float(F.cross_entropy(net(pc[:1]), target)))
+        return {"ce_perturbed": float(np.mean(adv)), "ce_clean": float(np.mean(clean)),
                 "ratio": float(np.mean(adv) / max(np.mean(clean), 1e-12))}
 
     def perturbed_inputs(self, case: CaseState) -> np.ndarray:

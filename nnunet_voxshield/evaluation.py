@@ -24,7 +24,8 @@ from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
-from nnunetv2.utilities.utils import create_paths_fn, get_filenames_of_train_images_and_targets
+from nnunetv2.utilities.utils import (create_paths_fn, get_filenames_of_train_images_and_targets,
+                                      get_identifiers_from_splitted_dataset_folder)
 
 from nnunet_voxshield.atomic import atomic_write, save_json
 from nnunet_voxshield.errors import VoxShieldError
@@ -76,7 +77,8 @@ class Run:
     def predict_command(self, images: Path, output: Path, device: str) -> list[str]:
         return ["nnUNetv2_predict", "-i", str(images), "-o", str(output), "-d", str(dataset_id(self.dataset)),
                 "-c", self.victim.configuration, "-f", self.fold, "-tr", self.victim.trainer, "-p", self.plans,
-                "-device", device, "--disable_tta"]
+                "-device", device, "--disable_tta", "-npp", str(default_num_processes),
+                "-nps", str(default_num_processes)]
 
 
 @dataclass
@@ -115,6 +117,27 @@ def _load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def channel_files(folder: Path, file_ending: str, cases) -> dict:
+    """`{case: [case_0000.ext, ...]}` by nnU-Net's own file-name rule."""
+    files = sorted(p.name for p in folder.iterdir())
+    return {case: create_paths_fn(str(folder), files, file_ending, case) for case in cases}
+
+
+def training_cases(name: str, dataset_json: dict) -> dict:
+    """`{case: {"images": [...], "label": ...}}` of imagesTr/labelsTr, as nnU-Net lists them.
+
+    nnU-Net's get_filenames_of_train_images_and_targets starts a 12-process pool for the plain folder layout, which
+    costs seconds per call on a small machine; that layout is listed here directly with nnU-Net's file-name rule.
+    """
+    raw = _raw(name)
+    if "dataset" in dataset_json:
+        return get_filenames_of_train_images_and_targets(str(raw), dataset_json)
+    ending = dataset_json["file_ending"]
+    cases = [str(c) for c in get_identifiers_from_splitted_dataset_folder(str(raw / "imagesTr"), ending)]
+    images = channel_files(raw / "imagesTr", ending, cases)
+    return {c: {"images": images[c], "label": str(raw / "labelsTr" / f"{c}{ending}")} for c in cases}
+
+
 def check_same_cases(source: str, protected: str) -> dict:
     """The protected dataset must be the source's twin (case ids, labels, channels); return the source dataset.json."""
     src_json, prot_json = _load_json(_raw(source) / "dataset.json"), _load_json(_raw(protected) / "dataset.json")
@@ -122,8 +145,7 @@ def check_same_cases(source: str, protected: str) -> dict:
         if src_json[field] != prot_json[field]:
             raise VoxShieldError(f"{protected} and {source} differ in dataset.json '{field}'; -pd must be a protected "
                                  f"copy of -d (as written by nnUNetv2_voxshield_protect)")
-    src_cases = set(get_filenames_of_train_images_and_targets(str(_raw(source)), src_json))
-    prot_cases = set(get_filenames_of_train_images_and_targets(str(_raw(protected)), prot_json))
+    src_cases, prot_cases = set(training_cases(source, src_json)), set(training_cases(protected, prot_json))
     if src_cases != prot_cases:
         raise VoxShieldError(f"{protected} and {source} have different training cases "
                              f"({len(src_cases ^ prot_cases)} differ); -pd must be a protected copy of -d")
@@ -139,8 +161,7 @@ def labelled_test_set(source: str, dataset_json: dict) -> HeldOut:
     if not labels or not image_dir.is_dir():
         raise VoxShieldError(f"{source} has no labelled test cases (imagesTs + labelsTs) to score victims on; add "
                              f"them, or pass --holdout-val to score on the fold's validation cases instead")
-    files = sorted(p.name for p in image_dir.iterdir())
-    images = {case: create_paths_fn(str(image_dir), files, ending, case) for case in labels}
+    images = channel_files(image_dir, ending, labels)
     n_channels = len(dataset_json["channel_names"])
     incomplete = [case for case, f in images.items() if len(f) != n_channels]
     if incomplete:
@@ -155,9 +176,7 @@ def fold_validation_set(datasets: tuple[str, ...], fold: str, dataset_json: dict
     The split is nnU-Net's own (splits_final.json, created here exactly as nnU-Net would if absent) and must be the
     same in both datasets, otherwise the protected victim would train on cases the clean one is scored on.
     """
-    if fold == "all":
-        raise VoxShieldError("--holdout-val needs a cross-validation fold (-f 0..4); -f all trains on every case")
-    cases = get_filenames_of_train_images_and_targets(str(_raw(datasets[0])), dataset_json)
+    cases = training_cases(datasets[0], dataset_json)
     val_sets = []
     for name in datasets:
         splits_file = _preprocessed(name) / "splits_final.json"
@@ -368,8 +387,9 @@ def bar_chart(report: dict, path: Path) -> None:
     ax = fig.add_subplot()
     for offset, kind, color in ((-0.2, "clean", "#4C72B0"), (0.2, "protected", "#C44E52")):
         stats = [v["labels"]["mean"][kind] for v in victims]
-        ax.bar(x + offset, [s["mean"] or 0 for s in stats], 0.4, yerr=[s["std"] or 0 for s in stats],
-               capsize=3, label=f"trained on {kind} data", color=color)
+        spread = [s["std"] or 0 for s in stats] if any(s["std"] is not None for s in stats) else None
+        ax.bar(x + offset, [s["mean"] or 0 for s in stats], 0.4, yerr=spread, capsize=3,
+               label=f"trained on {kind} data", color=color)
     ax.set_xticks(x, [v["victim"].replace(" (", "\n(") for v in victims], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mean Dice on clean held-out cases")
@@ -397,17 +417,19 @@ def evaluate(source, protected, trainers=("nnUNetTrainer",), configuration: str 
     if seeds < 1:
         raise VoxShieldError("--seeds must be at least 1")
     fold, device = str(fold), device or default_device()
+    if holdout_val and fold == "all":
+        raise VoxShieldError("--holdout-val needs a cross-validation fold (-f 0..4); -f all trains on every case")
     victims = list(dict.fromkeys(Victim.parse(t, configuration) for t in trainers))
     descriptions = {v.trainer: describe_trainer(v.trainer) for v in victims}
     dataset_json = check_same_cases(source, protected)
-    case_ids = list(get_filenames_of_train_images_and_targets(str(_raw(source)), dataset_json))
+    case_ids = list(training_cases(source, dataset_json))
     work = Path(output) if output else dirs["nnUNet_results"] / protected / EVALUATION_FOLDER
 
+    heldout = None if holdout_val else labelled_test_set(source, dataset_json)  # fail before hours of work
     for name in (source, protected):
         for cfg in dict.fromkeys(v.configuration for v in victims):
             ensure_preprocessed(name, cfg, plans, case_ids, log)
-    heldout = fold_validation_set((source, protected), fold, dataset_json) if holdout_val \
-        else labelled_test_set(source, dataset_json)
+    heldout = heldout or fold_validation_set((source, protected), fold, dataset_json)
     heldout.link_into(work / "heldout", dataset_json["file_ending"])
 
     runs = [Run(v, kind, name, seed, seed_plans(name, plans, seed), fold)

@@ -5,13 +5,13 @@ perturbation is added in the source's own pixel type (rounded and clipped for in
 on the values that will be written, and the image is written atomically with the source's geometry.
 """
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_voxshield.atomic import atomic_write, save_json
 from nnunet_voxshield.errors import VoxShieldError
 
 # nnU-Net readers whose arrays are SimpleITK's GetArrayFromImage layout (NibabelIO's transpose gives the same order)
@@ -71,19 +71,6 @@ def _apply_float(original: np.ndarray, delta: np.ndarray, eps: float) -> np.ndar
     return protected
 
 
-def _atomic_write(image: sitk.Image, dst: str) -> None:
-    """Write next to the destination under a temporary name with the same ending, then rename into place."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".voxshield_tmp_{os.getpid()}_{dst.name}")  # same ending: same format
-    try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_protected_case(src_files: list[str], dst_files: list[str], delta_raw: np.ndarray,
                          eps_raw: np.ndarray) -> list[dict]:
     """Write source + delta_raw (reader layout [C, z, y, x], raw units) per channel; one stats dict per channel.
@@ -127,7 +114,7 @@ def write_protected_case(src_files: list[str], dst_files: list[str], delta_raw: 
 
         out = sitk.GetImageFromArray(protected)
         out.CopyInformation(image)
-        _atomic_write(out, dst)
+        atomic_write(dst, lambda tmp: sitk.WriteImage(out, tmp, True))  # tmp keeps the ending: same format
         stats.append({
             "file": str(dst), "dtype": str(original.dtype), "eps_raw": eps,
             "max_abs_delta_raw": float(change.max(initial=0.0)),
@@ -145,16 +132,7 @@ def _copy_file_atomic(src: Path, dst: Path) -> None:
     """Copy unless an identical copy (same size and mtime) is already there; a partial copy never has dst's name."""
     if dst.exists() and dst.stat().st_size == src.stat().st_size and dst.stat().st_mtime == src.stat().st_mtime:
         return
-    tmp = dst.with_name(".voxshield_tmp_" + dst.name)
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def write_json_atomic(obj, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(".voxshield_tmp_" + path.name)
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(dst, lambda tmp: shutil.copy2(src, tmp))
 
 
 def copy_dataset(src_root, dst_root, new_name: str) -> None:
@@ -179,4 +157,4 @@ def copy_dataset(src_root, dst_root, new_name: str) -> None:
             _copy_file_atomic(path, dst_root / rel)
     dataset_json = json.loads((src_root / "dataset.json").read_text())
     dataset_json["name"] = new_name
-    write_json_atomic(dataset_json, dst_root / "dataset.json")
+    save_json(dataset_json, dst_root / "dataset.json")

@@ -24,7 +24,7 @@ def export_dataset(src, out, cases, deltas: dict, run_info: dict) -> Path:
     t0 = time.time()
     work = out.partial
     work.mkdir(parents=True, exist_ok=True)
-    copy_dataset(src.raw, work, out.name)
+    copy_dataset(src.raw, work, out.name.split("_", 1)[1])  # dataset.json's name field, e.g. BrainVoxShield
     progress_file = work / PROGRESS
     done = _load(progress_file)
     clean_pre = src.preprocessed_dataset()

@@ -15,6 +15,7 @@ from nnunet_voxshield.bridge import preprocess_case, resampler
 from nnunet_voxshield.budget import eps_norm, project, roi_mask, validate_eps, parse_roi
 from nnunet_voxshield.eot import EOTAugment
 from nnunet_voxshield.errors import VoxShieldError
+from nnunet_voxshield.export import check_export_supported
 from nnunet_voxshield.export_dataset import export_dataset
 from nnunet_voxshield.nnunet_env import register_ext_trainer, require_env
 from nnunet_voxshield.objectives import VoxShieldObjective, select_slice_axis
@@ -203,6 +204,7 @@ def protect(s: ProtectSettings) -> Path:
     validate(s)
     device = get_device(s.device)
     src = load_source(s.dataset, s.configuration, s.plans)
+    check_export_supported(src.plans_manager, src.dataset_json)
     out = OutputDataset.choose(src.name, s.output_id, s.overwrite)
     generator = seed_everything(s.seed)
     t0 = time.time()

@@ -51,6 +51,7 @@ def _pad(x: torch.Tensor, patch_size: Sequence[int]):
 
 
 def _layout(x: torch.Tensor, patch_size: Sequence[int], tile_step_size: float, use_gaussian: bool) -> tuple:
+    """The padded case and its tiles, placed as nnUNetPredictor._internal_get_sliding_window_slicers places them."""
     patch_size = tuple(int(p) for p in patch_size)
     spatial_ndim = x.ndim - 1
     if x.ndim not in (3, 4) or len(patch_size) not in (spatial_ndim, spatial_ndim - 1):

@@ -6,7 +6,8 @@ from nnunet_voxshield.bridge import CaseGrid, preprocess_case, resampler
 
 
 def compare(measured: np.ndarray, intended: np.ndarray) -> dict:
-    """corr: Pearson correlation; rel_err: ||measured - intended|| / ||intended||; ratio_norm: ||measured|| / ||intended||."""
+    """corr: Pearson correlation; rel_err: ||measured - intended|| / ||intended||;
+    ratio_norm: ||measured|| / ||intended||."""
     m, i = measured.astype(np.float64).ravel(), intended.astype(np.float64).ravel()
     norm_i = np.linalg.norm(i)
     if norm_i == 0:

@@ -187,6 +187,16 @@ def test_gradient_float32_within_relative_1e4():
     assert (grad - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max()
 
 
+def test_vjp_equals_whole_volume_vector_jacobian_product():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 20, 44, 30, generator=g, dtype=torch.float64)
+    u = torch.randn(N_LABELS, 20, 44, 30, generator=g, dtype=torch.float64)
+    net = small_unet(in_channels=2, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(reference_logits(net, x_ref, PATCH), x_ref, u)
+    torch.testing.assert_close(sliding_window_vjp(net, x, u, PATCH), ref, rtol=0, atol=1e-10 * ref.abs().max().item())
+
+
 class SavedTensorMeter:
     """Peak bytes of tensors held by live autograd graphs: what back-propagation memory grows with."""
 
@@ -212,8 +222,8 @@ class SavedTensorMeter:
 
 
 def test_backprop_memory_depends_on_patch_not_case():
-    """One tile's graph at a time: the peak saved for backward is the same for 1 tile and 27 tiles (8x voxels),
-    while whole-volume autograd, the meter's positive control, holds every tile's graph at once."""
+    """One tile's graph at a time: the peak saved for backward is the same for 1 tile and 8 tiles, while
+    whole-volume autograd, the meter's positive control, holds every tile's graph at once."""
     net = small_unet()
 
     def peaks(edge):
@@ -226,9 +236,9 @@ def test_backprop_memory_depends_on_patch_not_case():
         return ours.peak, whole.peak
 
     ours_small, whole_small = peaks(32)
-    ours_large, whole_large = peaks(64)
+    ours_large, whole_large = peaks(48)
     assert ours_small > 0 and ours_large == ours_small
-    assert whole_large > 20 * whole_small
+    assert whole_large > 6 * whole_small
 
 
 def test_rejects_patch_with_wrong_dimensionality():
@@ -251,7 +261,8 @@ def test_cuda_autocast_logits_and_gradient(monkeypatch):
                                      torch.randn(N_LABELS, 40, 44, 36, generator=g).to(device))
     x_ref = x.double().requires_grad_(True)
     ref_grad, = torch.autograd.grad(loss_fn(reference_logits(copy.deepcopy(net).double(), x_ref, PATCH)), x_ref)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)  # TF32 convolutions would be the error measured, not the tiling
+    # TF32 convolutions would be the error measured, not the tiling
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     exact = sliding_window_backward(net, x, loss_fn, PATCH, autocast=False).grad
     assert (exact.double() - ref_grad).abs().max() <= 1e-3 * ref_grad.abs().max()
     mixed = sliding_window_backward(net, x, loss_fn, PATCH).grad  # float16 tiles, no underflow of the tiny seeds

@@ -1,10 +1,13 @@
 """The adaptive attackers do what their names promise, on arrays, and nnU-Net finds every victim trainer by name."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from nnunet_voxshield import victims as v
-from nnunet_voxshield.nnunet_env import register_ext_trainer
+from nnunet_voxshield.nnunet_env import register_ext_trainer, trainers_dir
 
 SHAPE = (2, 12, 10, 8)  # C, Z, Y, X
 
@@ -124,32 +127,42 @@ def test_slice_attacks_refuse_2d_samples_with_a_clear_message():
         v.ShuffleSlices()(image=torch.zeros(1, 8, 8), segmentation=torch.zeros(1, 8, 8))
 
 
-@pytest.fixture
-def find_trainer(monkeypatch, tmp_path):
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        monkeypatch.setenv(name, str(tmp_path))
-    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
-    register_ext_trainer()
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    return recursive_find_trainer_class_by_name
-
-
 ATTACKS = {"SliceShuffle": v.ShuffleSlices, "SliceDropout": v.DropSlices, "LowPassZ": v.LowPassZ,
            "ResampleZ": v.ResampleZ, "BlurInPlane": v.AxisGaussianBlur, "Blur3D": v.AxisGaussianBlur,
            "Median": v.MedianFilterTransform, "ISS": v.ComposeTransforms, "StrongIntensity": v.ComposeTransforms}
 
 
-@pytest.mark.parametrize("schedule", v.SCHEDULES)
+@pytest.fixture(scope="module")
+def victims_module():
+    """The trainers file, loaded the way nnU-Net loads it: by file name, from the nnUNet_extTrainer folder."""
+    path = Path(trainers_dir()) / "nnUNetTrainerVoxShieldVictims.py"
+    spec = importlib.util.spec_from_file_location("nnUNetTrainerVoxShieldVictims", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("attack", ["", "NoDA", "DA5", *ATTACKS])
-def test_nnunet_finds_every_victim_with_its_schedule_and_attack(find_trainer, schedule, attack):
-    cls = find_trainer(f"nnUNetTrainerVS_{schedule.schedule_name}{attack}")
-    assert issubclass(cls, schedule) and cls.__doc__
-    assert cls.schedule_epochs == schedule.schedule_epochs
-    assert issubclass(cls, v.TrainingSampleAttack) == (attack in ATTACKS)
+def test_every_victim_exists_per_schedule_and_attacks_before_augmentation(victims_module, attack):
+    for schedule in v.SCHEDULES:
+        cls = getattr(victims_module, f"nnUNetTrainerVS_{schedule.schedule_name}{attack}")
+        assert issubclass(cls, schedule) and cls.__doc__
+        assert issubclass(cls, v.TrainingSampleAttack) == (attack in ATTACKS)
     if attack in ATTACKS:
         trainer = cls.__new__(cls)  # the transform pipeline needs no plans
-        pipeline = trainer.get_training_transforms((16, 16, 16), (0.0, 0.0), None, (0, 1, 2), False)
-        first = pipeline.transforms[0]
-        assert isinstance(first, ATTACKS[attack])
-        out = pipeline(**sample())  # attack + stock augmentation run on a 3D sample
-        assert out["image"].shape == (2, 16, 16, 16)
+        pipeline = trainer.get_training_transforms((12, 10, 8), (0.0, 0.0), None, (0, 1, 2), False)
+        assert isinstance(pipeline.transforms[0], ATTACKS[attack])
+        out = pipeline(**sample())  # attack, then stock augmentation, on a 3D sample
+        assert out["image"].shape == SHAPE
+
+
+def test_nnunet_finds_victims_by_name(monkeypatch, tmp_path):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(tmp_path))
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    register_ext_trainer()
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
+    assert issubclass(recursive_find_trainer_class_by_name("nnUNetTrainerVS_ShortNoDA"), nnUNetTrainerNoDA)
+    tiny = recursive_find_trainer_class_by_name("nnUNetTrainerVS_TinySliceShuffle")
+    assert (tiny.schedule_epochs, tiny.schedule_iterations) == (2, 5)

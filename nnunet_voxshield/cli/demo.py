@@ -59,8 +59,8 @@ def main(argv=None):
     print("\n".join(res.lines))
     report = json.loads((folder / "voxshield.json").read_text())
     last = report["history"][-1] if report["history"] else {}
-    print(f"surrogate loss on x+delta / on clean x after {len(report['history'])} rounds: "
-          f"{last.get('loss_perturbed', float('nan')):.4f} / {last.get('loss_clean', float('nan')):.4f} "
+    print(f"surrogate cross-entropy on x+delta / on clean x after {len(report['history'])} rounds: "
+          f"{last.get('ce_perturbed', float('nan')):.4f} / {last.get('ce_clean', float('nan')):.4f} "
           f"(ratio {last.get('ratio', float('nan')):.3f})")
     print(f"PSNR min {report['summary']['min_psnr_db']:.1f} dB, SSIM min {report['summary']['min_ssim']:.4f}; "
           f"preview: {folder / 'voxshield_preview.png'}; total {time.time() - t0:.0f} s")

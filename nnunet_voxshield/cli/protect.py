@@ -44,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step-size", type=float, default=d.step_size, help=f"noise step as a fraction of eps [{d.step_size}]")
     p.add_argument("--no-eot", action="store_true", help="optimise without random augmentations (the paper's setting)")
     p.add_argument("--stop-ratio", type=float, default=d.stop_ratio,
-                   help="stop early once surrogate loss on x+delta / on clean x falls below this [0: never]")
+                   help="stop early once surrogate cross-entropy on x+delta / on clean x falls below this [0: never]")
     p.add_argument("--warm-start", default=None, help="nnU-Net checkpoint (.pth) to initialise the surrogate from")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output [0]")
     p.add_argument("--continue", dest="resume_only", action="store_true",
