@@ -155,7 +155,7 @@ class Bilevel:
         """One round; `publish(case, perturbed_input)` makes the new delta visible to the data loader."""
         surrogate_loss = self.surrogate_steps(round_idx)
         parts = []
-        for case in tqdm(self.cases, desc=f"round {round_idx + 1} noise", leave=False, disable=None):
+        for case in tqdm(self.cases, desc=f"round {round_idx + 1} noise", leave=False):
             parts.append(self.noise_update(case))
             publish(case, self.perturbed_inputs(case))
         record = {"round": round_idx + 1, "surrogate_train_loss": surrogate_loss,

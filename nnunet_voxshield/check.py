@@ -98,7 +98,7 @@ def check_survival(source, prot: Path, report: dict, min_corr: float, res: Check
         res.lines.append("survival: run checkpoint not found; comparing with the written perturbation instead")
     pre = source.preprocessed_dataset()
     corrs = []
-    for case in tqdm(report["cases"], desc="survival", disable=None):
+    for case in tqdm(report["cases"], desc="survival"):
         ident = case["identifier"]
         files = source.files[ident]
         data_pre, _, _, grid = preprocess_case(files["images"], files["label"], source.plans_manager,

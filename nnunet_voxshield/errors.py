@@ -1,5 +1,7 @@
 """One-line user errors: every expected failure names its fix instead of printing a traceback."""
+import errno
 import functools
+import os
 import sys
 
 
@@ -7,14 +9,41 @@ class VoxShieldError(Exception):
     """A problem with the user's input or environment; the message says what to do."""
 
 
+def _filesystem_of(path: str) -> str:
+    """The mount point holding `path` (the thing a user can free or remount)."""
+    p = os.path.abspath(path)
+    while not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def os_error_message(e: OSError) -> str | None:
+    """One line for the OS errors a user can fix (full disk, permissions); None for the rest."""
+    where = e.filename or "nnUNet_raw"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fs = _filesystem_of(e.filename) if e.filename else "the output filesystem"
+        return f"disk full: free space on {fs} or point nnUNet_raw elsewhere; rerun to resume"
+    if e.errno == errno.EROFS:
+        return f"read-only filesystem at {where}: point nnUNet_raw/nnUNet_results to a writable place; rerun to resume"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {where}: fix its permissions or point nnUNet_raw/nnUNet_results elsewhere"
+    return None
+
+
 def cli_errors(main):
-    """Turn VoxShieldError into `voxshield: error: ...` on stderr and exit code 2."""
+    """Turn VoxShieldError and fixable OS errors into `voxshield: error: ...` on stderr and exit code 2."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except VoxShieldError as e:
             print(f"voxshield: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            message = os_error_message(e)
+            if message is None:
+                raise
+            print(f"voxshield: error: {message}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("voxshield: interrupted; rerun the same command to resume", file=sys.stderr)

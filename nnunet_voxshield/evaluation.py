@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,27 +286,27 @@ def _checkpoint(run: Run) -> Path:
     return run.fold_folder / "checkpoint_final.pth"
 
 
-def execute(run: Run, heldout: HeldOut, work: Path, dataset_json: dict, device: str, log, verbose: bool) -> dict:
+def execute(run: Run, heldout_dirs: tuple[Path, Path], work: Path, dataset_json: dict, device: str, log,
+            verbose: bool) -> dict:
     """Train (or reuse), predict and score one run; the scored record is cached so an interrupted evaluation resumes."""
+    images, labels = heldout_dirs
+    cases = sorted(p.name[:-len(dataset_json["file_ending"])] for p in labels.iterdir())
     record_file = work / "runs" / f"{run.key}.json"
-    cases = sorted(heldout.labels)
     if record_file.is_file() and _checkpoint(run).is_file():
         record = _load_json(record_file)
-        if record["heldout_cases"] == cases and record["checkpoint_mtime"] == _checkpoint(run).stat().st_mtime:
+        if (record["dataset"], record["heldout_cases"], record["checkpoint_mtime"]) == \
+                (run.dataset, cases, _checkpoint(run).stat().st_mtime):
             return record
     record = {"key": run.key, "kind": run.kind, "dataset": run.dataset, "trainer": run.victim.trainer,
               "configuration": run.victim.configuration, "plans": run.plans, "seed": run.seed, "fold": run.fold,
-              "heldout_cases": cases, "train_command": " ".join(run.train_command(device))}
-    started = time.time()
+              "heldout_cases": cases, "train_command": " ".join(run.train_command(device)), "train_seconds": None}
     if not _checkpoint(run).is_file():
         log(f"training {run.victim.name} on {run.dataset} ({run.kind}, seed {run.seed})")
+        started = time.time()
         run_nnunet(run.train_command(device), quiet=not verbose)
-    record["train_seconds"] = round(time.time() - started, 1)
-    images, labels = work / "heldout" / "imagesTs", work / "heldout" / "labelsTs"
+        record["train_seconds"] = round(time.time() - started, 1)
     predictions = work / "predictions" / run.key
-    if predictions.is_dir():
-        for f in predictions.iterdir():
-            f.unlink()
+    shutil.rmtree(predictions, ignore_errors=True)  # a half-written prediction from an interrupted run is not reused
     log(f"predicting the held-out cases with {run.victim.name} trained on {run.dataset} (seed {run.seed})")
     started = time.time()
     run_nnunet(run.predict_command(images, predictions, device), quiet=not verbose)
@@ -430,14 +431,14 @@ def evaluate(source, protected, trainers=("nnUNetTrainer",), configuration: str 
         for cfg in dict.fromkeys(v.configuration for v in victims):
             ensure_preprocessed(name, cfg, plans, case_ids, log)
     heldout = heldout or fold_validation_set((source, protected), fold, dataset_json)
-    heldout.link_into(work / "heldout", dataset_json["file_ending"])
+    heldout_dirs = heldout.link_into(work / "heldout", dataset_json["file_ending"])
 
     runs = [Run(v, kind, name, seed, seed_plans(name, plans, seed), fold)
             for v in victims for seed in range(seeds) for kind, name in zip(KINDS, (source, protected))]
     records = []
     for i, run in enumerate(runs, 1):
         log(f"[{i}/{len(runs)}] {run.victim.name}, {run.kind} data, seed {run.seed}")
-        records.append(execute(run, heldout, work, dataset_json, device, log, verbose))
+        records.append(execute(run, heldout_dirs, work, dataset_json, device, log, verbose))
 
     label_names = list(records[0]["dice"])
     report = {"source": source, "protected": protected, "configuration": configuration, "fold": fold,

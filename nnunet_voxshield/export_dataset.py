@@ -28,7 +28,7 @@ def export_dataset(src, out, cases, deltas: dict, run_info: dict) -> Path:
     progress_file = work / PROGRESS
     done = _load(progress_file)
     clean_pre = src.preprocessed_dataset()
-    for case in tqdm(cases, desc="writing protected cases", disable=None):
+    for case in tqdm(cases, desc="writing protected cases"):
         if case.identifier in done:
             continue
         src_files = src.files[case.identifier]["images"]

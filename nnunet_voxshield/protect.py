@@ -20,6 +20,7 @@ from nnunet_voxshield.export_dataset import export_dataset
 from nnunet_voxshield.nnunet_env import register_ext_trainer, require_env
 from nnunet_voxshield.objectives import VoxShieldObjective, select_slice_axis
 from nnunet_voxshield.output import OutputDataset
+from nnunet_voxshield.preflight import preflight
 from nnunet_voxshield.run_state import RunState, fingerprint
 from nnunet_voxshield.source import Source, load_source
 from nnunet_voxshield.surrogate import nnUNetTrainerVoxShieldSurrogate
@@ -186,7 +187,7 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings, device:
         publish(case, loop.perturbed_inputs(case))
     trainer.on_train_start()
     bar = tqdm(range(state.rounds_done, s.schedule.rounds), desc="VoxShield rounds", initial=state.rounds_done,
-               total=s.schedule.rounds, disable=None)
+               total=s.schedule.rounds)
     for r in bar:
         record = loop.run_round(r, publish)
         history.append(record)
@@ -206,9 +207,10 @@ def protect(s: ProtectSettings) -> Path:
     src = load_source(s.dataset, s.configuration, s.plans)
     check_export_supported(src.plans_manager, src.dataset_json)
     out = OutputDataset.choose(src.name, s.output_id, s.overwrite)
+    preflight(src, s)
     generator = seed_everything(s.seed)
     t0 = time.time()
-    cases = [prepare_case(src, i, s) for i in tqdm(src.identifiers, desc="preparing cases", disable=None)]
+    cases = [prepare_case(src, i, s) for i in tqdm(src.identifiers, desc="preparing cases")]
     deltas, history = optimise(src, cases, s, device, generator)
     t1 = time.time()
     run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)}, "version": __version__,

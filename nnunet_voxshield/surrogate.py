@@ -50,5 +50,9 @@ class nnUNetTrainerVoxShieldSurrogate(nnUNetTrainer):
         tr, val = super().get_tr_and_val_datasets()
         return PerturbedDataset(tr, self.perturbation_folder), PerturbedDataset(val, self.perturbation_folder)
 
+    def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
+        """nnU-Net's training log goes to the log file only: the protect command shows its own progress."""
+        super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
+
     def plot_network_architecture(self):
         """Skipped: it needs hiddenlayer/graphviz and adds nothing to a protection run."""

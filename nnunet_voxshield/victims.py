@@ -162,7 +162,9 @@ class TrainingSampleAttack:
         raise NotImplementedError
 
     def get_training_transforms(self, *args, **kwargs) -> BasicTransform:
-        return ComposeTransforms([self.attack(), super().get_training_transforms(*args, **kwargs)])
+        attack = self.attack()
+        self.print_to_log_file(f"attack on every training sample, before augmentation: {attack}")
+        return ComposeTransforms([attack, super().get_training_transforms(*args, **kwargs)])
 
 
 class SliceShuffleAttack(TrainingSampleAttack):

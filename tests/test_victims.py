@@ -150,6 +150,7 @@ def test_every_victim_exists_per_schedule_and_attacks_before_augmentation(victim
         assert issubclass(cls, v.TrainingSampleAttack) == (attack in ATTACKS)
     if attack in ATTACKS:
         trainer = cls.__new__(cls)  # the transform pipeline needs no plans
+        trainer.print_to_log_file = lambda *args, **kwargs: None
         pipeline = trainer.get_training_transforms((12, 10, 8), (0.0, 0.0), None, (0, 1, 2), False)
         assert isinstance(pipeline.transforms[0], ATTACKS[attack])
         out = pipeline(**sample())  # attack, then stock augmentation, on a 3D sample

@@ -15,7 +15,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-pd", required=True, help="protected dataset written by nnUNetv2_voxshield_protect")
     p.add_argument("-tr", nargs="+", default=["nnUNetTrainer"],
                    help="victim trainers, TRAINER or TRAINER:CONFIGURATION (e.g. nnUNetTrainerVS_ShortNoDA "
-                        "nnUNetTrainerVS_Short:2d); VoxShield's victims are found automatically. Default: nnUNetTrainer")
+                        "nnUNetTrainerVS_Short:2d); VoxShield's victims are found automatically. "
+                        "Default: nnUNetTrainer")
     p.add_argument("-c", default="3d_fullres", help="configuration of victims that name none. Default: 3d_fullres")
     p.add_argument("-f", default="0", help="fold to train (0-4 or all). Default: 0")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
