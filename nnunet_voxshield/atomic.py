@@ -1,6 +1,8 @@
 """Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -21,9 +23,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)) and getattr(e, "errno", None) is None \
+                and shutil.disk_usage(path.parent).free < 2 ** 20:
+            # torch.save and np.save report a full disk without an errno; say what it is
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
 
 

@@ -104,10 +104,12 @@ def check_survival(source, prot: Path, report: dict, min_corr: float, res: Check
         data_pre, _, _, grid = preprocess_case(files["images"], files["label"], source.plans_manager,
                                                source.configuration_manager, source.dataset_json, ident)
         prot_files = [str(prot / "imagesTr" / Path(f).name) for f in files["images"]]
-        if optimised is not None:
-            delta = optimised[ident].numpy().astype(np.float64)
-        else:
-            delta = written_delta(files["images"], prot_files, grid, source.plans_manager)
+        written = written_delta(files["images"], prot_files, grid, source.plans_manager)
+        delta = optimised[ident].numpy().astype(np.float64) if optimised is not None else written
+        if not np.any(delta):
+            if np.any(written):
+                res.fail(f"case {ident} was to be released unchanged (nothing to perturb) but its files differ")
+            continue  # released unchanged: nothing to survive
         s = survival(grid, prot_files, np.asarray(pre.load_case(ident)[0]), delta, source.plans_manager,
                      source.configuration_manager, source.dataset_json)
         corrs.append(s["corr"])
@@ -146,5 +148,7 @@ def check(source_id, protected_id, configuration: str = "3d_fullres", plans: str
                   f"{len(_files(src / 'imagesTs'))} test images and all labels checked",
                   f"budget     max |delta| / eps_raw = {worst:.4f} (must be <= 1)",
                   f"fidelity   geometry, dtype, format, names, labels, dataset.json",
-                  f"survival   correlation min {min(corrs):.4f} mean {np.mean(corrs):.4f} (must be >= {min_survival})"]
+                  f"survival   correlation min {min(corrs, default=float('nan')):.4f} "
+                  f"mean {np.mean(corrs) if corrs else float('nan'):.4f} over {len(corrs)} perturbed cases "
+                  f"(must be >= {min_survival})"]
     return res

@@ -4,6 +4,7 @@ nnU-Net's readers hand out float32 arrays, so the writer reads each source file 
 perturbation is added in the source's own pixel type (rounded and clipped for integers), the budget is re-checked
 on the values that will be written, and the image is written atomically with the source's geometry.
 """
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -71,6 +72,18 @@ def _apply_float(original: np.ndarray, delta: np.ndarray, eps: float) -> np.ndar
     return protected
 
 
+def _write_verified(image: sitk.Image, array: np.ndarray, path: str) -> None:
+    """Write, then read back: SimpleITK's compressed writers can truncate silently on a full disk."""
+    sitk.WriteImage(image, path, True)
+    try:
+        ok = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(path)), array)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise OSError(errno.ENOSPC if shutil.disk_usage(Path(path).parent).free < 2 ** 20 else errno.EIO,
+                      "the written file does not read back identically", path)
+
+
 def write_protected_case(src_files: list[str], dst_files: list[str], delta_raw: np.ndarray,
                          eps_raw: np.ndarray) -> list[dict]:
     """Write source + delta_raw (reader layout [C, z, y, x], raw units) per channel; one stats dict per channel.
@@ -114,7 +127,7 @@ def write_protected_case(src_files: list[str], dst_files: list[str], delta_raw: 
 
         out = sitk.GetImageFromArray(protected)
         out.CopyInformation(image)
-        atomic_write(dst, lambda tmp: sitk.WriteImage(out, tmp, True))  # tmp keeps the ending: same format
+        atomic_write(dst, lambda tmp: _write_verified(out, protected, tmp))  # tmp keeps the ending: same format
         stats.append({
             "file": str(dst), "dtype": str(original.dtype), "eps_raw": eps,
             "max_abs_delta_raw": float(change.max(initial=0.0)),

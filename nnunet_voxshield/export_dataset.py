@@ -1,4 +1,5 @@
 """Write the protected raw dataset: perturbed training images, everything else copied, and the run's report."""
+import shutil
 import time
 from pathlib import Path
 
@@ -23,30 +24,35 @@ def export_dataset(src, out, cases, deltas: dict, run_info: dict) -> Path:
     """Build the dataset in `out.partial` (resuming finished cases), then move it into place."""
     t0 = time.time()
     work = out.partial
-    work.mkdir(parents=True, exist_ok=True)
-    copy_dataset(src.raw, work, out.name.split("_", 1)[1])  # dataset.json's name field, e.g. BrainVoxShield
     progress_file = work / PROGRESS
     done = _load(progress_file)
+    if done.get("run_fingerprint") != run_info["run_fingerprint"]:
+        # a partial export of a run with other settings: its cases must not be mixed into this one
+        shutil.rmtree(work, ignore_errors=True)
+        done = {"run_fingerprint": run_info["run_fingerprint"], "cases": {}}
+    work.mkdir(parents=True, exist_ok=True)
+    copy_dataset(src.raw, work, out.name.split("_", 1)[1])  # dataset.json's name field, e.g. BrainVoxShield
     clean_pre = src.preprocessed_dataset()
     for case in tqdm(cases, desc="writing protected cases"):
-        if case.identifier in done:
+        if case.identifier in done["cases"]:
             continue
         src_files = src.files[case.identifier]["images"]
         dst_files = [str(work / "imagesTr" / Path(f).name) for f in src_files]
         delta = deltas[case.identifier].detach().cpu().numpy().astype(np.float64)
         eps_raw = case.eps_norm * case.grid.raw_per_norm
         write_protected_case(src_files, dst_files, delta_to_raw(delta, case.grid), eps_raw)
-        data_pre = np.asarray(clean_pre.load_case(case.identifier)[0])
-        surv = survival(case.grid, dst_files, data_pre, delta, src.plans_manager, src.configuration_manager,
-                        src.dataset_json)
-        done[case.identifier] = {
+        surv = None  # a case with nothing to perturb (empty label) is released unchanged
+        if np.any(delta):
+            surv = survival(case.grid, dst_files, np.asarray(clean_pre.load_case(case.identifier)[0]), delta,
+                            src.plans_manager, src.configuration_manager, src.dataset_json)
+        done["cases"][case.identifier] = {
             "identifier": case.identifier, "slice_axis": case.slice_axis,
             "foreground_voxels": case.foreground_voxels, "eps_norm": case.eps_norm.tolist(),
             "channels": [channel_report(s, d, e, w) for s, d, e, w in
                          zip(src_files, dst_files, eps_raw, case.grid.window * case.grid.raw_per_norm)],
             "survival": surv}
         save_json(done, progress_file)
-    reports = [done[c.identifier] for c in cases]
+    reports = [done["cases"][c.identifier] for c in cases]
     preview_case = max(cases, key=lambda c: c.foreground_voxels)
     _preview(work / PREVIEW, clean_pre, preview_case, deltas[preview_case.identifier])
     run_info["timings_s"]["export"] = round(time.time() - t0, 1)

@@ -38,8 +38,9 @@ def preflight(src, settings) -> None:
                "every label is empty inside the image; use --roi all or check labelsTr")
         raise VoxShieldError(f"no training case has a voxel that --roi {settings.roi} lets VoxShield perturb: {why}")
     if empty:
-        print(f"voxshield: note: {len(empty)} case(s) have no labelled voxel inside the image and are released "
-              f"unperturbed (--roi {settings.roi}): {', '.join(empty)}; use --roi all to perturb them too")
+        hint = "" if settings.roi == "all" else "; use --roi all to perturb them too"
+        print(f"voxshield: note: {len(empty)} case(s) have no voxel that --roi {settings.roi} lets VoxShield perturb "
+              f"and are released unchanged: {', '.join(empty)}{hint}")
 
 
 def check_case_files(src) -> None:

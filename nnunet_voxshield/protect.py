@@ -20,7 +20,7 @@ from nnunet_voxshield.export_dataset import export_dataset
 from nnunet_voxshield.nnunet_env import register_ext_trainer, require_env
 from nnunet_voxshield.objectives import VoxShieldObjective, select_slice_axis
 from nnunet_voxshield.output import OutputDataset
-from nnunet_voxshield.preflight import preflight
+from nnunet_voxshield.preflight import preflight, require_integer_budget
 from nnunet_voxshield.run_state import RunState, fingerprint
 from nnunet_voxshield.source import Source, load_source
 from nnunet_voxshield.surrogate import nnUNetTrainerVoxShieldSurrogate
@@ -95,23 +95,16 @@ def prepare_case(src: Source, identifier: str, s: ProtectSettings) -> PreparedCa
     files = src.files[identifier]
     data_pre, seg_pre, props, grid = preprocess_case(files["images"], files["label"], src.plans_manager,
                                                      src.configuration_manager, src.dataset_json, identifier)
-    rw = src.plans_manager.image_reader_writer_class()
+    rw = src.plans_manager.image_reader_writer_class()  # images and labels were validated by preflight
     raw, raw_props = rw.read_images(files["images"])
-    bad = ~np.isfinite(raw)
-    if bad.any():
-        c = int(np.argwhere(bad)[0][0])
-        raise VoxShieldError(f"case {identifier} has NaN/Inf voxels in channel {c} ({files['images'][c]}); "
-                             f"fix or remove the case before protecting")
     seg_raw, _ = rw.read_seg(files["label"])
-    if seg_raw.shape[1:] != raw.shape[1:]:
-        raise VoxShieldError(f"case {identifier}: label shape {seg_raw.shape[1:]} != image shape {raw.shape[1:]}; "
-                             f"fix the dataset (nnUNetv2_plan_and_preprocess --verify_dataset_integrity)")
     tf = [0] + [i + 1 for i in src.plans_manager.transpose_forward]
     crop = tuple(slice(a, b) for a, b in grid.bbox)
     nonzero = (raw.transpose(tf)[(slice(None), *crop)] != 0).any(0)
     seg = seg_raw.transpose(tf)[(0, *crop)]
     mask = roi_mask(seg, nonzero, s.roi)
     eps = eps_norm(grid.window, grid.raw_per_norm, s.eps, s.eps_raw)
+    require_integer_budget(identifier, files["images"], eps * grid.raw_per_norm)  # before hours of optimisation
     axis = select_slice_axis(raw_props["spacing"], src.plans_manager.transpose_forward, s.slice_axis)
     return PreparedCase(identifier, grid, eps, mask, axis, int((seg > 0).sum()))
 

@@ -21,6 +21,7 @@ import torch
 
 from nnunet_voxshield.cli import check as check_cli
 from nnunet_voxshield.cli import protect as protect_cli
+from nnunet_voxshield.errors import _filesystem_of
 from nnunet_voxshield.nnunet_env import plan_and_preprocess
 from synthetic import make_raw_dataset
 
@@ -159,7 +160,7 @@ DATA_CASES = [
     ("inf_voxel", _one_voxel(-np.inf), [], ["tiny_000_0000.nii.gz has 1 NaN/Inf voxel(s)", "replace them"]),
     ("all_labels_empty", _empty_labels, [], ["every label is empty", "use --roi all"]),
     ("corrupt_file", _garbage, [], ["tiny_000_0000.nii.gz cannot be read as an image", "replace it"]),
-    ("truncated_file", _truncated, [], ["tiny_000_0000.nii.gz is truncated or damaged", "replace it with a complete copy"]),
+    ("truncated_file", _truncated, [], ["tiny_000_0000.nii.gz is truncated or damaged", "replace it with a complete"]),
     ("integer_budget_below_one", _int16, ["--eps-raw", "0.5"],
      ["16-bit signed integer", "raw budget is 0.5 < 1", "use --eps-raw >= 1"]),
 ]
@@ -260,7 +261,7 @@ def test_continue_with_nothing_to_resume(planned, capsys):
     assert not (planned["nnUNet_raw"] / "Dataset737_TinyVoxShield").exists()
 
 
-@pytest.mark.parametrize("code,fragment", [(errno.ENOSPC, "disk full: free space on /"),
+@pytest.mark.parametrize("code,fragment", [(errno.ENOSPC, "disk full: free space on "),
                                            (errno.EACCES, "permission denied on "),
                                            (errno.EROFS, "read-only filesystem at ")])
 def test_os_error_while_writing_leaves_no_dataset(planned, capsys, monkeypatch, code, fragment):
@@ -269,14 +270,16 @@ def test_os_error_while_writing_leaves_no_dataset(planned, capsys, monkeypatch, 
     real_copy = shutil.copy2
 
     def refuse(src, dst, *a, **k):
-        if ".partial" in str(dst):
-            raise OSError(code, os.strerror(code), str(dst))
+        if ".partial" in str(dst):  # shutil's own ENOSPC carries no file name; permission errors do
+            raise OSError(code, os.strerror(code), *([] if code == errno.ENOSPC else [str(dst)]))
         return real_copy(src, dst, *a, **k)
 
     monkeypatch.setattr(shutil, "copy2", refuse)
     args = ["-d", SRC, "-o", out_id, "--method", "random", "-device", "cpu"]
-    fails(capsys, args, fragment, "rerun to resume" if code != errno.EACCES else "fix its permissions",
-          sources=[planned["nnUNet_raw"] / NAME])
+    line = fails(capsys, args, fragment, "rerun to resume" if code != errno.EACCES else "fix its permissions",
+                 sources=[planned["nnUNet_raw"] / NAME])
+    if code == errno.ENOSPC:  # no file name in the error: the message names nnUNet_raw's filesystem
+        assert f"free space on {_filesystem_of(str(planned['nnUNet_raw']))}" in line
     assert not list(planned["nnUNet_raw"].glob(f"Dataset{out_id}_*")), "a half-written dataset has the final name"
     if code == errno.ENOSPC:  # space freed: the same command finishes the dataset
         monkeypatch.setattr(shutil, "copy2", real_copy)
@@ -290,7 +293,8 @@ def test_one_empty_label_is_released_unperturbed(planned, capsys):
     rewrite(raw / LABEL, array=np.zeros_like)
     before = tree_hash(raw)
     assert protect_cli.main(["-d", "934", "-o", "743", *FAST]) == 0
-    assert "1 case(s) have no labelled voxel inside the image and are released unperturbed" in capsys.readouterr().out
+    note = "1 case(s) have no voxel that --roi label lets VoxShield perturb and are released unchanged: tiny_000"
+    assert note in capsys.readouterr().out
     assert tree_hash(raw) == before
     out = planned["nnUNet_raw"] / "Dataset743_TinyVoxShield"
     report = {c["identifier"]: c for c in json.loads((out / "voxshield.json").read_text())["cases"]}
@@ -304,3 +308,76 @@ def test_one_empty_label_is_released_unperturbed(planned, capsys):
 def test_check_on_a_dataset_that_is_not_protected(planned, capsys):
     fails(capsys, ["-d", SRC, "-pd", SRC], "has no voxshield.json", "written by nnUNetv2_voxshield_protect",
           main=check_cli.main, sources=[planned["nnUNet_raw"] / NAME])
+
+
+def test_interrupted_export_is_not_mixed_with_a_run_of_other_settings(planned, capsys, monkeypatch):
+    real_write, calls = sitk.WriteImage, []
+
+    def full_after_two_images(*a, **k):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(*a, **k)
+
+    monkeypatch.setattr(sitk, "WriteImage", full_after_two_images)
+    args = ["-d", SRC, "-o", 744, "--method", "random", "-device", "cpu"]
+    fails(capsys, args, "disk full", sources=[planned["nnUNet_raw"] / NAME])
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+    assert protect_cli.main([str(a) for a in [*args, "--eps", "8/255", "--overwrite"]]) == 0
+    report = json.loads((planned["nnUNet_raw"] / "Dataset744_TinyVoxShield" / "voxshield.json").read_text())
+    assert [c["eps_norm"][0] for c in report["cases"]] == pytest.approx([8 / 255 * 10] * 4)
+
+
+def test_check_accepts_a_case_released_unperturbed(planned):
+    out = planned["nnUNet_raw"] / "Dataset743_TinyVoxShield"
+    if not out.exists():
+        pytest.skip("needs the protected dataset of test_one_empty_label_is_released_unperturbed")
+    assert np.isfinite(json.loads((out / "voxshield.json").read_text())["summary"]["min_survival_corr"])
+    assert check_cli.main(["-d", "934", "-pd", "743"]) == 0
+
+
+def unplanned_source(root: Path):
+    """What preflight reads of a Source, for datasets that need no planning to be checked."""
+    from types import SimpleNamespace
+
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    dataset_json = json.loads((root / "dataset.json").read_text())
+    files = get_filenames_of_train_images_and_targets(str(root), dataset_json)
+    return SimpleNamespace(raw=root, dataset_json=dataset_json, files=files, identifiers=sorted(files),
+                           plans_manager=SimpleNamespace(image_reader_writer_class=SimpleITKIO))
+
+
+VALID = {"ct_int16_body_anisotropic": dict(channels=("CT",), dtype=np.int16, body=True, spacing_xyz=(1, 1, 2.5)),
+         "two_channels_mha": dict(channels=("MRI", "T2"), file_ending=".mha"),
+         "uint8_nrrd_varying_shapes": dict(dtype=np.uint8, file_ending=".nrrd", vary_shape=True)}
+
+
+@pytest.mark.parametrize("kind", VALID)
+def test_preflight_accepts_valid_datasets(nnunet_dirs, capsys, kind):
+    from types import SimpleNamespace
+
+    from nnunet_voxshield.preflight import preflight
+    src = unplanned_source(make_raw_dataset(nnunet_dirs["nnUNet_raw"], 970, n_train=3, n_test=1,
+                                            shape=(12, 20, 20), **VALID[kind]))
+    for roi in ("label", "all", "dilate:2"):
+        preflight(src, SimpleNamespace(roi=roi, eps_raw=None))
+    preflight(src, SimpleNamespace(roi="label", eps_raw=1.0))
+    assert capsys.readouterr().out == ""
+
+
+def test_missing_second_channel_and_per_channel_integer_budget(nnunet_dirs):
+    """nnU-Net's listing just shortens a case's image list when `_0001` is gone; preflight names the file."""
+    from types import SimpleNamespace
+
+    from nnunet_voxshield.errors import VoxShieldError
+    from nnunet_voxshield.preflight import preflight, require_integer_budget
+    root = make_raw_dataset(nnunet_dirs["nnUNet_raw"], 971, n_train=2, n_test=0, shape=(12, 20, 20),
+                            channels=("MRI", "T2"), dtype=np.int16)
+    files = [str(root / f"imagesTr/tiny_000_000{c}.nii.gz") for c in range(2)]
+    require_integer_budget("tiny_000", files, [1.0, 3.0])
+    with pytest.raises(VoxShieldError, match=r"tiny_000_0001.nii.gz holds 16-bit signed integer .* 0.9 < 1"):
+        require_integer_budget("tiny_000", files, [1.0, 0.9])
+    (root / "imagesTr/tiny_001_0001.nii.gz").unlink()
+    with pytest.raises(VoxShieldError, match=r"case tiny_001: tiny_001_0001.nii.gz is missing .* declares 2 "):
+        preflight(unplanned_source(root), SimpleNamespace(roi="label", eps_raw=None))

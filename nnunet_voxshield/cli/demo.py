@@ -30,7 +30,7 @@ def main(argv=None):
     p.add_argument("-d", type=int, default=501, help="dataset id of the demo dataset [501]")
     p.add_argument("-o", type=int, default=None, help="dataset id of the protected copy [d + 100]")
     p.add_argument("-device", default=None, help="cuda, cpu or mps [cuda if available, else cpu]")
-    p.add_argument("--rounds", type=int, default=12, help="bilevel rounds [12, sized for ~10 min on 2 CPU cores]")
+    p.add_argument("--rounds", type=int, default=8, help="bilevel rounds [8: a short demo; protection needs more]")
     p.add_argument("--overwrite", action="store_true", help="rebuild the demo dataset and its protected copy")
     a = p.parse_args(argv)
     ensure_nnunet_dirs()
