@@ -147,7 +147,7 @@ def check(source_id, protected_id, configuration: str = "3d_fullres", plans: str
                   f"cases      {len(report['cases'])} training cases, "
                   f"{len(_files(src / 'imagesTs'))} test images and all labels checked",
                   f"budget     max |delta| / eps_raw = {worst:.4f} (must be <= 1)",
-                  f"fidelity   geometry, dtype, format, names, labels, dataset.json",
+                  "fidelity   geometry, dtype, format, names, labels, dataset.json",
                   f"survival   correlation min {min(corrs, default=float('nan')):.4f} "
                   f"mean {np.mean(corrs) if corrs else float('nan'):.4f} over {len(corrs)} perturbed cases "
                   f"(must be >= {min_survival})"]

@@ -21,3 +21,16 @@ def nnunet_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(d))
         dirs[name] = d
     return dirs
+
+
+@pytest.fixture(scope="module")
+def nnunet_module_dirs(tmp_path_factory):
+    """nnUNet_* folders shared by one test module (planning is too slow to repeat per test)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    with pytest.MonkeyPatch.context() as mp:
+        dirs = {}
+        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            dirs[name] = root / name
+            dirs[name].mkdir()
+            mp.setenv(name, str(dirs[name]))
+        yield dirs

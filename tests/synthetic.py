@@ -1,4 +1,5 @@
 """Tiny raw nnU-Net datasets made by the tests themselves (no downloads)."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -74,3 +75,13 @@ def make_raw_dataset(raw_root, dataset_id: int, name: str = "Tiny", n_train: int
     }
     (root / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
     return root
+
+
+def tree_hash(folder: Path) -> str:
+    """Hash of every file name and byte below `folder`: proves a dataset was not modified."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

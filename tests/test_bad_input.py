@@ -6,7 +6,6 @@ One planned dataset serves all cases; a case that must break the data gets its o
 plans copied rather than re-planned.
 """
 import errno
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from nnunet_voxshield.cli import check as check_cli
 from nnunet_voxshield.cli import protect as protect_cli
 from nnunet_voxshield.errors import _filesystem_of
 from nnunet_voxshield.nnunet_env import plan_and_preprocess
-from synthetic import make_raw_dataset
+from synthetic import make_raw_dataset, tree_hash
 
 SRC = 981
 NAME = f"Dataset{SRC}_Tiny"
@@ -33,32 +32,15 @@ IMAGE, LABEL = "imagesTr/tiny_000_0000.nii.gz", "labelsTr/tiny_000.nii.gz"
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
 
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
+def planned(nnunet_module_dirs):
     """A tiny float32 MRI-like dataset, planned and preprocessed once by stock nnU-Net."""
-    root = tmp_path_factory.mktemp("nnunet_bad_input")
-    env = {n: str(root / n) for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for d in env.values():
-        Path(d).mkdir()
-    make_raw_dataset(env["nnUNet_raw"], SRC, n_train=4, n_test=1, shape=(16, 32, 32))
+    dirs = nnunet_module_dirs
+    make_raw_dataset(dirs["nnUNet_raw"], SRC, n_train=4, n_test=1, shape=(16, 32, 32))
     plan_and_preprocess(SRC)
-    dirs = {k: Path(v) for k, v in env.items()}
     source_hash = tree_hash(dirs["nnUNet_raw"] / NAME)
     yield dirs
     assert tree_hash(dirs["nnUNet_raw"] / NAME) == source_hash, "the shared source dataset was modified"
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def variant(dirs, vid: int, preprocessed: bool = True) -> Path:

@@ -15,19 +15,6 @@ from synthetic import make_raw_dataset
 CONFIG = "3d_fullres"
 
 
-@pytest.fixture(scope="module")
-def nnunet_module_dirs(tmp_path_factory):
-    """nnUNet_* folders shared by one test module (planning is too slow to repeat per test)."""
-    root = tmp_path_factory.mktemp("nnunet")
-    with pytest.MonkeyPatch.context() as mp:
-        dirs = {}
-        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            dirs[name] = root / name
-            dirs[name].mkdir()
-            mp.setenv(name, str(dirs[name]))
-        yield dirs
-
-
 def plan_datasets(*dataset_ids: int) -> None:
     """Stock fingerprint + plans (no preprocessing: the tests preprocess in memory) for several datasets at once."""
     run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", *map(str, dataset_ids), "-c", CONFIG, "-np", "1",

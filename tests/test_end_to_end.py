@@ -1,12 +1,10 @@
 """Plan, preprocess, protect, check, re-plan the protected set and train a stock victim on it; resume after kill -9."""
-import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,36 +13,19 @@ import torch
 from nnunet_voxshield.cli import check as check_cli
 from nnunet_voxshield.cli import protect as protect_cli
 from nnunet_voxshield.nnunet_env import plan_and_preprocess
-from synthetic import make_raw_dataset
+from synthetic import make_raw_dataset, tree_hash
 
 SRC, OUT = 991, 691
 FAST = ["-device", "cpu", "--rounds", "2", "--surrogate-iters", "2"]
 
 
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory):
+def planned(nnunet_module_dirs):
     """A tiny anisotropic int16 CT-like dataset, planned and preprocessed by stock nnU-Net."""
-    root = tmp_path_factory.mktemp("nnunet")
-    env = {n: str(root / n) for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for d in env.values():
-        Path(d).mkdir()
-    make_raw_dataset(env["nnUNet_raw"], SRC, n_train=4, n_test=2, shape=(16, 32, 32), spacing_xyz=(1, 1, 2.5),
-                     channels=("CT",), dtype=np.int16, body=True)
+    make_raw_dataset(nnunet_module_dirs["nnUNet_raw"], SRC, n_train=4, n_test=2, shape=(16, 32, 32),
+                     spacing_xyz=(1, 1, 2.5), channels=("CT",), dtype=np.int16, body=True)
     plan_and_preprocess(SRC)
-    yield {k: Path(v) for k, v in env.items()}
-    for k, v in old.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return nnunet_module_dirs
 
 
 def test_protect_check_and_stock_victim(planned):

@@ -1,7 +1,7 @@
 """Victims and adaptive attackers for `nnUNetv2_voxshield_evaluate` (any nnU-Net command can use them by name).
 
 Full-schedule attackers are `nnUNetTrainerVS_<Attack>` (nnU-Net's 1000 x 250 schedule, for GPUs). Every victim also
-exists with a short schedule, `nnUNetTrainerVS_<Tiny|Short|Long><Attack>`, e.g. nnUNetTrainerVS_Short (stock nnU-Net
+exists with a short schedule, `nnUNetTrainerVS_<Tiny|Bench|Short|Long><Attack>`, e.g. nnUNetTrainerVS_Short (stock nnU-Net
 augmentation), nnUNetTrainerVS_ShortNoDA (the paper's protocol), nnUNetTrainerVS_ShortSliceShuffle. The stock 2d
 configuration (slices only) is a victim too: `-tr nnUNetTrainerVS_Short:2d` in the evaluation command.
 The logic lives in nnunet_voxshield.victims: nnU-Net imports this file by name and forgets it after the lookup.
