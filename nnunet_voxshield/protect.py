@@ -1,6 +1,7 @@
 """`nnUNetv2_voxshield_protect`: optimise the perturbations of a raw dataset and write the protected raw dataset."""
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class ProtectSettings:
     warm_start: str | None = None
     overwrite: bool = False
     resume_only: bool = False      # --continue: fail if there is nothing to resume
-    num_processes: int = 2
+    num_processes: int = 2         # -np: cases prepared in parallel
 
     def optimisation_key(self) -> dict:
         """The settings that define the optimised perturbations (a resumed run must match them)."""
@@ -203,7 +204,9 @@ def protect(s: ProtectSettings) -> Path:
     preflight(src, s)
     generator = seed_everything(s.seed)
     t0 = time.time()
-    cases = [prepare_case(src, i, s) for i in tqdm(src.identifiers, desc="preparing cases")]
+    with ThreadPoolExecutor(max(1, s.num_processes)) as pool:  # file reads and nnU-Net preprocessing, in parallel
+        cases = list(tqdm(pool.map(lambda i: prepare_case(src, i, s), src.identifiers), desc="preparing cases",
+                          total=len(src.identifiers)))
     deltas, history = optimise(src, cases, s, device, generator)
     t1 = time.time()
     run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)}, "version": __version__,
