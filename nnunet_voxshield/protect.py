@@ -94,8 +94,8 @@ class PreparedCase:
 
 def prepare_case(src: Source, identifier: str, s: ProtectSettings) -> PreparedCase:
     files = src.files[identifier]
-    data_pre, seg_pre, props, grid = preprocess_case(files["images"], files["label"], src.plans_manager,
-                                                     src.configuration_manager, src.dataset_json, identifier)
+    *_, grid = preprocess_case(files["images"], files["label"], src.plans_manager, src.configuration_manager,
+                               src.dataset_json, identifier)
     rw = src.plans_manager.image_reader_writer_class()  # images and labels were validated by preflight
     raw, raw_props = rw.read_images(files["images"])
     seg_raw, _ = rw.read_seg(files["label"])
@@ -209,13 +209,12 @@ def protect(s: ProtectSettings) -> Path:
                           total=len(src.identifiers)))
     deltas, history = optimise(src, cases, s, device, generator)
     t1 = time.time()
-    run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)}, "version": __version__,
+    run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)},
                 "work_folder": str(surrogate_folder(src)) if s.method == "voxshield" else None,
                 "run_fingerprint": fingerprint(s.optimisation_key()),
                 "versions": versions(), "history": history,
                 "timings_s": {"optimisation": round(t1 - t0, 1)}}
-    folder = export_dataset(src, out, cases, deltas, run_info)
-    return folder
+    return export_dataset(src, out, cases, deltas, run_info)
 
 
 def versions() -> dict:
