@@ -47,9 +47,16 @@ class CaseState:
 def to_device_case(dataset, identifier: str, device: torch.device):
     """Clean preprocessed data, target (outside-nonzero -1 mapped to background) and properties of one case."""
     data, seg, _, props = dataset.load_case(identifier)
-    x = torch.from_numpy(np.asarray(data, dtype=np.float32)).to(device)
-    y = torch.from_numpy(np.asarray(seg).astype(np.int16)).to(device)
+    x, y = (_to_device(torch.from_numpy(a), device) for a in (np.asarray(data, dtype=np.float32),
+                                                               np.asarray(seg).astype(np.int16)))
     return x, torch.clamp(y, min=0), props
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned, asynchronous host-to-device copy on CUDA; a no-op on the CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class Bilevel:
