@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = {"voxshield": {}, "random": {"method": "random"},
+VARIANTS = {"voxshield": {}, "random": {"method": "random"}, "classwise": {"method": "classwise"},
             "voxshield_no_freq": {"lambda_z": 0.0}, "error_min_only": {"lambda_z": 0.0, "lambda_s": 0.0},
             "voxshield_roi_all": {"roi": "all"}}
 
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["voxshield", "random"], choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--rounds", type=int, default=20, help="bilevel rounds of each protection")
-    p.add_argument("-d", type=int, default=501, help="demo dataset id; variants get 601, 602, ...")
+    p.add_argument("-d", type=int, default=501, help="demo dataset id; variant k of VARIANTS gets id d + 100 + k")
     p.add_argument("--work", default=str(HERE / "work"), help="nnUNet_* folders when not set in the environment")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--tag", default=None)
@@ -59,8 +59,8 @@ def main(argv=None):
         build_demo_dataset(raw, dataset_id=a.d)
         plan_and_preprocess(a.d)
     rows, t_start = [], time.time()
-    for k, variant in enumerate(a.variants):
-        out_id = a.d + 100 + k
+    for variant in a.variants:
+        out_id = a.d + 100 + list(VARIANTS).index(variant)  # stable per variant, so reruns reuse finished work
         existing = list(raw.glob(f"Dataset{out_id:03d}_*"))
         t0 = time.time()
         folder = existing[0] if existing else protect(ProtectSettings(

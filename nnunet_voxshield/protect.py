@@ -14,6 +14,7 @@ from nnunet_voxshield.atomic import save_npy
 from nnunet_voxshield.bilevel import Bilevel, CaseState, Schedule
 from nnunet_voxshield.bridge import preprocess_case, resampler
 from nnunet_voxshield.budget import eps_norm, project, roi_mask, validate_eps, parse_roi
+from nnunet_voxshield.classwise import classwise_delta, label_textures
 from nnunet_voxshield.eot import EOTAugment
 from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.export import check_export_supported
@@ -26,7 +27,7 @@ from nnunet_voxshield.run_state import RunState, fingerprint
 from nnunet_voxshield.source import Source, load_source
 from nnunet_voxshield.surrogate import nnUNetTrainerVoxShieldSurrogate
 
-METHODS = ("voxshield", "random")
+METHODS = ("voxshield", "random", "classwise")
 
 
 @dataclass
@@ -36,7 +37,7 @@ class ProtectSettings:
     configuration: str = "3d_fullres"
     plans: str = "nnUNetPlans"
     device: str = "cuda"
-    method: str = "voxshield"      # "random": uniform noise of the same budget and ROI (baseline)
+    method: str = "voxshield"      # "random": uniform noise of the same budget and ROI; "classwise": label textures
     eps: float | None = None       # paper unit (fraction of a +-5 sigma window); default 4/255
     eps_raw: float | None = None   # absolute raw-intensity budget instead
     lambda_z: float = 0.2
@@ -90,6 +91,7 @@ class PreparedCase:
     mask: np.ndarray
     slice_axis: int
     foreground_voxels: int
+    labels: np.ndarray             # the label map on the cropped grid
 
 
 def prepare_case(src: Source, identifier: str, s: ProtectSettings) -> PreparedCase:
@@ -107,7 +109,7 @@ def prepare_case(src: Source, identifier: str, s: ProtectSettings) -> PreparedCa
     eps = eps_norm(grid.window, grid.raw_per_norm, s.eps, s.eps_raw)
     require_integer_budget(identifier, files["images"], eps * grid.raw_per_norm)  # before hours of optimisation
     axis = select_slice_axis(raw_props["spacing"], src.plans_manager.transpose_forward, s.slice_axis)
-    return PreparedCase(identifier, grid, eps, mask, axis, int((seg > 0).sum()))
+    return PreparedCase(identifier, grid, eps, mask, axis, int((seg > 0).sum()), seg)
 
 
 def initial_delta(case: PreparedCase, rng: np.random.Generator) -> torch.Tensor:
@@ -150,6 +152,10 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings, device:
              generator: torch.Generator) -> tuple[dict, list]:
     """Run (or resume) the bilevel loop; return the final deltas (cropped grid, normalised) and the history."""
     rng = np.random.default_rng(s.seed)
+    if s.method == "classwise":
+        textures = label_textures(src.plans_manager.get_label_manager(src.dataset_json).foreground_labels,
+                                  len(cases[0].eps_norm), s.seed)
+        return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures) for c in cases}, []
     deltas = {c.identifier: initial_delta(c, rng) for c in cases}
     if s.method == "random":
         return deltas, []

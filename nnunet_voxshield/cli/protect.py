@@ -27,8 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier [nnUNetPlans]")
     p.add_argument("-device", default="cuda", help="cuda, cpu or mps [cuda]")
     p.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)), help="processes for file work")
-    p.add_argument("--method", default="voxshield", choices=["voxshield", "random"],
-                   help="voxshield (default) or random: uniform noise of the same budget and ROI (baseline)")
+    p.add_argument("--method", default="voxshield", choices=["voxshield", "random", "classwise"],
+                   help="voxshield (default); random: uniform noise of the same budget and ROI (baseline); "
+                        "classwise: one fixed +-eps texture per label shared by all cases (shortcut baseline)")
     p.add_argument("--eps", type=budget, default=None,
                    help="L-inf budget as a fraction of a +-5 sigma window, the paper's unit [4/255 = 0.157 sigma]")
     p.add_argument("--eps-raw", type=float, default=None, help="absolute budget in raw intensity units instead of --eps")
