@@ -96,7 +96,6 @@ def check_survival(source, prot: Path, report: dict, min_corr: float, res: Check
     optimised = _optimised_deltas(report)
     if optimised is None:
         res.lines.append("survival: run checkpoint not found; comparing with the written perturbation instead")
-    pre = source.preprocessed_dataset()
     corrs = []
     for case in tqdm(report["cases"], desc="survival"):
         ident = case["identifier"]
@@ -110,7 +109,7 @@ def check_survival(source, prot: Path, report: dict, min_corr: float, res: Check
             if np.any(written):
                 res.fail(f"case {ident} was to be released unchanged (nothing to perturb) but its files differ")
             continue  # released unchanged: nothing to survive
-        s = survival(grid, prot_files, np.asarray(pre.load_case(ident)[0]), delta, source.plans_manager,
+        s = survival(grid, prot_files, data_pre, delta, source.plans_manager,
                      source.configuration_manager, source.dataset_json)
         corrs.append(s["corr"])
         if not s["corr"] >= min_corr:
