@@ -6,7 +6,12 @@
 delta lives on nnU-Net's cropped grid in normalised units; R is nnU-Net's resampling to the preprocessed grid.
 Noise steps sample patches the way nnU-Net's data loader does and pass them through random nnU-Net-like
 augmentations (expectation over transformation), because the victim trains on augmented patches.
+
+Every random draw is seeded from (seed, round, what is drawn), never from what ran before. A resumed run therefore
+repeats an uninterrupted one, and under `-num_gpus N` (each rank owns a shard of the cases, the surrogate trains
+with DDP) a case's noise steps do not depend on which rank runs them.
 """
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -18,6 +23,18 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from tqdm import tqdm
 
 from nnunet_voxshield.budget import project
+from nnunet_voxshield.distributed import all_gather, barrier, rank
+
+SURROGATE, NOISE, PROBE = range(3)  # the random streams of a round
+
+
+def reseed(seed: int, *keys: int) -> int:
+    """Seed torch, numpy and random from (seed, *keys); returns the derived seed."""
+    derived = int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)
+    return derived
 
 
 @dataclass
@@ -36,6 +53,7 @@ class Schedule:
 class CaseState:
     """Everything the loop needs about one training case."""
     identifier: str
+    index: int                     # position in the dataset: names the case's random stream
     resample: object               # cropped grid -> preprocessed grid (differentiable)
     eps: torch.Tensor              # [C] budget in normalised units
     mask: torch.Tensor             # cropped grid, True where delta may be nonzero
@@ -63,24 +81,26 @@ class Bilevel:
     """Runs rounds of (surrogate steps, noise pass) on an initialised nnUNetTrainerVoxShieldSurrogate."""
 
     def __init__(self, trainer, dataset, cases: list[CaseState], objective, schedule: Schedule, eot=None,
-                 generator: torch.Generator | None = None):
-        """`dataset` is the clean nnU-Net dataset of the cases; `eot` must draw from `generator`."""
+                 generator: torch.Generator | None = None, seed: int = 0):
+        """`dataset` is the clean nnU-Net dataset; `cases` are this rank's; `eot` must draw from `generator`."""
         self.trainer, self.dataset, self.cases, self.objective = trainer, dataset, cases, objective
-        self.schedule = schedule
+        self.schedule, self.seed = schedule, seed
         self.eot = eot if schedule.eot else None
-        self.generator = generator or torch.Generator().manual_seed(0)
+        self.generator = generator or torch.Generator()
         self.device = trainer.device
+        self.net = trainer.plain_network
         self.patch_size = list(trainer.configuration_manager.patch_size)
-        self.n_patches = schedule.patches or trainer.batch_size
+        batch_size, oversample = trainer.global_batch
+        self.n_patches = schedule.patches or batch_size
         self.sampler = nnUNetDataLoader(self.dataset, self.n_patches, self.patch_size, self.patch_size,
-                                        trainer.label_manager,
-                                        oversample_foreground_percent=trainer.oversample_foreground_percent)
+                                        trainer.label_manager, oversample_foreground_percent=oversample)
 
     # ---- surrogate level -------------------------------------------------------------------------------------
     def surrogate_steps(self, round_idx: int) -> float:
         t = self.trainer
         t.network.train()
         t.lr_scheduler.step(round_idx)
+        reseed(self.seed, round_idx, SURROGATE, rank())
         losses = [float(t.train_step(next(t.dataloader_train))["loss"]) for _ in range(self.schedule.surrogate_iters)]
         return float(np.mean(losses)) if losses else float("nan")
 
@@ -106,9 +126,10 @@ class Bilevel:
             xc, _ = self.eot(x_clean, y)
         return xa, xc, ya
 
-    def noise_update(self, case: CaseState) -> dict:
+    def noise_update(self, case: CaseState, round_idx: int) -> dict:
+        self.generator.manual_seed(reseed(self.seed, round_idx, NOISE, case.index))
         x, y, props = to_device_case(self.dataset, case.identifier, self.device)
-        net = self.trainer.network
+        net = self.net
         net.eval()
         parts = {}
         for _ in range(self.schedule.noise_steps):
@@ -134,24 +155,19 @@ class Bilevel:
 
     # ---- measurement -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def shortcut(self) -> dict:
-        """Surrogate cross-entropy on a fixed foreground patch per case, on x + delta and on clean x, and the ratio.
+    def shortcut(self, case: CaseState) -> tuple[float, float]:
+        """Surrogate cross-entropy on the case's fixed foreground patch, on x + delta and on clean x.
 
-        Cross-entropy rather than nnU-Net's Dice+CE, whose Dice part is negative, so that the ratio means something:
-        far below 1 is a shortcut, about 1 is none.
+        Cross-entropy rather than nnU-Net's Dice+CE, whose Dice part is negative, so that the ratio of the means
+        means something: far below 1 is a shortcut, about 1 is none.
         """
-        net = self.trainer.network
-        net.eval()
-        adv, clean = [], []
-        for case in self.cases:
-            x, y, props = to_device_case(self.dataset, case.identifier, self.device)
-            (pa, pc, py), case.probe_bbox = self._patches([x + case.resample(case.delta), x, y], props,
-                                                         case.probe_bbox)
-            target = py[:1, 0].long()
-            adv.append(float(F.cross_entropy(net(pa[:1]), target)))
-            clean.append(float(F.cross_entropy(net(pc[:1]), target)))
-        return {"ce_perturbed": float(np.mean(adv)), "ce_clean": float(np.mean(clean)),
-                "ratio": float(np.mean(adv) / max(np.mean(clean), 1e-12))}
+        self.net.eval()
+        x, y, props = to_device_case(self.dataset, case.identifier, self.device)
+        if case.probe_bbox is None:
+            reseed(self.seed, 0, PROBE, case.index)
+        (pa, pc, py), case.probe_bbox = self._patches([x + case.resample(case.delta), x, y], props, case.probe_bbox)
+        target = py[:1, 0].long()
+        return float(F.cross_entropy(self.net(pa[:1]), target)), float(F.cross_entropy(self.net(pc[:1]), target))
 
     def perturbed_inputs(self, case: CaseState) -> np.ndarray:
         """R(delta) on the preprocessed grid, what the surrogate's data loader adds to the case."""
@@ -159,13 +175,20 @@ class Bilevel:
             return case.resample(case.delta).cpu().numpy().astype(np.float32)
 
     def run_round(self, round_idx: int, publish) -> dict:
-        """One round; `publish(case, perturbed_input)` makes the new delta visible to the data loader."""
+        """One round; `publish(case, perturbed_input)` makes the new delta visible to the data loader.
+
+        Under torch.distributed every rank runs this with its own cases; the record is over all cases.
+        """
         surrogate_loss = self.surrogate_steps(round_idx)
         parts = []
-        for case in tqdm(self.cases, desc=f"round {round_idx + 1} noise", leave=False):
-            parts.append(self.noise_update(case))
+        for case in tqdm(self.cases, desc=f"round {round_idx + 1} noise", leave=False, disable=rank() > 0):
+            parts.append(self.noise_update(case, round_idx))
             publish(case, self.perturbed_inputs(case))
-        record = {"round": round_idx + 1, "surrogate_train_loss": surrogate_loss,
-                  **{k: float(np.mean([p[k] for p in parts])) for k in (parts[0] if parts else {})},
-                  **self.shortcut()}
-        return record
+        probes = [self.shortcut(case) for case in self.cases]
+        barrier()  # every rank's new perturbations are on disk before any rank trains on them
+        gathered = all_gather((surrogate_loss, parts, probes))
+        parts = [p for _, ps, _ in gathered for p in ps]
+        adv, clean = np.mean([[a, c] for *_, pr in gathered for a, c in pr], axis=0)
+        return {"round": round_idx + 1, "surrogate_train_loss": float(np.mean([g[0] for g in gathered])),
+                **{k: float(np.mean([p[k] for p in parts])) for k in (parts[0] if parts else {})},
+                "ce_perturbed": float(adv), "ce_clean": float(clean), "ratio": float(adv / max(clean, 1e-12))}

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 from tqdm import tqdm
 
 from nnunet_voxshield.bridge import preprocess_case
 from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.export_dataset import REPORT
 from nnunet_voxshield.nnunet_env import dataset_name, require_env
-from nnunet_voxshield.run_state import RUN_FILE
+from nnunet_voxshield.run_state import RunState
 from nnunet_voxshield.source import load_source
 from nnunet_voxshield.survival import survival
 
@@ -83,12 +82,10 @@ def check_budget(src: Path, prot: Path, report: dict, res: CheckResult) -> float
 def _optimised_deltas(report: dict) -> dict | None:
     """The run's final deltas, if its checkpoint is still in nnUNet_results (they are never shipped)."""
     folder = report.get("work_folder")
-    if not folder or not (Path(folder) / RUN_FILE).is_file():
-        return None
-    run = json.loads((Path(folder) / RUN_FILE).read_text())
-    if run["fingerprint"] != report.get("run_fingerprint"):
-        return None  # the folder now holds a later run with other settings
-    return torch.load(Path(folder) / f"round_{run['rounds_done']:04d}_state.pth", weights_only=False)["deltas"]
+    run = RunState(Path(folder)) if folder else None
+    if run is None or run.committed is None or run.committed["fingerprint"] != report.get("run_fingerprint"):
+        return None  # no checkpoint, or the folder now holds a later run with other settings
+    return run.deltas()
 
 
 def check_survival(source, prot: Path, report: dict, min_corr: float, res: CheckResult) -> list[float]:

@@ -1,5 +1,4 @@
 """`nnUNetv2_voxshield_protect`: optimise the perturbations of a raw dataset and write the protected raw dataset."""
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -11,7 +10,8 @@ from tqdm import tqdm
 
 from nnunet_voxshield import __version__
 from nnunet_voxshield.atomic import save_npy
-from nnunet_voxshield.bilevel import Bilevel, CaseState, Schedule
+from nnunet_voxshield import distributed
+from nnunet_voxshield.bilevel import Bilevel, CaseState, Schedule, reseed
 from nnunet_voxshield.bridge import preprocess_case, resampler
 from nnunet_voxshield.budget import eps_norm, project, roi_mask, validate_eps, parse_roi
 from nnunet_voxshield.classwise import classwise_delta, label_textures
@@ -50,11 +50,12 @@ class ProtectSettings:
     overwrite: bool = False
     resume_only: bool = False      # --continue: fail if there is nothing to resume
     num_processes: int = 2         # -np: cases prepared in parallel
+    num_gpus: int = 1              # -num_gpus: processes of the bilevel loop (DDP), one GPU each on CUDA
 
     def optimisation_key(self) -> dict:
         """The settings that define the optimised perturbations (a resumed run must match them)."""
         d = asdict(self)
-        for k in ("dataset", "output_id", "device", "overwrite", "resume_only", "num_processes"):
+        for k in ("dataset", "output_id", "device", "overwrite", "resume_only", "num_processes", "num_gpus"):
             d.pop(k)
         return d
 
@@ -70,6 +71,19 @@ def validate(s: ProtectSettings) -> None:
         raise VoxShieldError("--rounds and --noise-steps must be >= 1 and --surrogate-iters >= 0")
     if s.slice_axis is not None and s.slice_axis not in (0, 1, 2):
         raise VoxShieldError(f"--slice-axis must be 0, 1 or 2 (preprocessed axis order); got {s.slice_axis}")
+    if s.num_gpus < 1:
+        raise VoxShieldError(f"-num_gpus must be >= 1; got {s.num_gpus}")
+
+
+def validate_num_gpus(s: ProtectSettings, src: Source) -> None:
+    """nnU-Net splits each batch over the ranks, so every rank needs a sample; CUDA needs a GPU per rank."""
+    batch, ranks = src.configuration_manager.batch_size, max(s.num_gpus, distributed.world_size())
+    if s.method == "voxshield" and ranks > batch:
+        raise VoxShieldError(f"{ranks} processes (-num_gpus) exceed the planned batch size {batch} of "
+                             f"{s.configuration}; use -num_gpus {batch} or fewer")
+    if s.device == "cuda" and s.num_gpus > torch.cuda.device_count():
+        raise VoxShieldError(f"-num_gpus {s.num_gpus} but {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                             f"lower -num_gpus or check CUDA_VISIBLE_DEVICES")
 
 
 def get_device(name: str) -> torch.device:
@@ -120,13 +134,6 @@ def initial_delta(case: PreparedCase, rng: np.random.Generator) -> torch.Tensor:
     return project(u * eps.view(-1, 1, 1, 1), eps, torch.from_numpy(case.mask))
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def surrogate_folder(src: Source) -> Path:
     """nnU-Net's output folder of the surrogate trainer: checkpoints and run state live there, never in the release."""
     return (Path(require_env()["nnUNet_results"]) / src.name /
@@ -148,72 +155,112 @@ def build_trainer(src: Source, s: ProtectSettings, device: torch.device, resumin
     return trainer
 
 
-def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings, device: torch.device,
-             generator: torch.Generator) -> tuple[dict, list]:
-    """Run (or resume) the bilevel loop; return the final deltas (cropped grid, normalised) and the history."""
-    rng = np.random.default_rng(s.seed)
+def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
+             device: torch.device) -> tuple[dict, list]:
+    """Run (or resume) the optimisation; return the final deltas (cropped grid, normalised) and the history."""
     if s.method == "classwise":
         textures = label_textures(src.plans_manager.get_label_manager(src.dataset_json).foreground_labels,
                                   len(cases[0].eps_norm), s.seed)
         return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures) for c in cases}, []
+    rng = np.random.default_rng(s.seed)
     deltas = {c.identifier: initial_delta(c, rng) for c in cases}
     if s.method == "random":
         return deltas, []
+    state = RunState(surrogate_folder(src), s.optimisation_key())
+    if distributed.rank() == 0:
+        state.check_compatible(s.overwrite)
+    distributed.barrier()  # under torchrun: every rank reads the state after rank 0 discarded an old run
+    state = RunState(state.folder, s.optimisation_key())
+    if s.resume_only and not state.committed:
+        raise VoxShieldError(f"--continue: nothing to resume in {state.folder}; run without --continue")
+    if state.committed and distributed.rank() == 0:
+        print(f"voxshield: resuming after round {state.rounds_done} from {state.folder}")
+    if s.num_gpus == 1 or distributed.world_size() > 1:
+        return run_bilevel(src, cases, s, device, deltas)
+    distributed.spawn(run_bilevel, s.num_gpus, device, src, cases, s, device, deltas)
+    state = RunState(state.folder)
+    return state.deltas(), state.history
+
+
+def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, device: torch.device,
+                deltas: dict) -> tuple[dict, list]:
+    """The bilevel loop in this process; under torch.distributed on this rank's shard of the cases.
+
+    Rank 0 commits each round (all deltas gathered); the other ranks return only their own shard.
+    """
+    device = distributed.rank_device(device)
+    reseed(s.seed)  # the same surrogate initialisation in every process
     trainer = build_trainer(src, s, device, resuming=False)
     state = RunState(Path(trainer.output_folder), s.optimisation_key())
-    state.check_compatible(s.overwrite)
-    if s.resume_only and not state.committed:
-        raise VoxShieldError(f"--continue: nothing to resume in {trainer.output_folder}; run without --continue")
     if state.committed:
-        deltas = state.restore(trainer, generator)
-        print(f"voxshield: resuming after round {state.rounds_done} from {trainer.output_folder}")
+        deltas = state.restore(trainer)
     history = state.history
     if state.committed and state.committed["finished"]:
         return deltas, history
 
-    states = [CaseState(c.identifier, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
+    states = [CaseState(c.identifier, i, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
                         torch.from_numpy(c.mask).to(device), deltas[c.identifier].to(device), c.slice_axis)
-              for c in cases]
+              for i, c in distributed.shard(list(enumerate(cases)))]
     trainer.perturbation_folder.mkdir(parents=True, exist_ok=True)
 
     def publish(case: CaseState, perturbed_input: np.ndarray):
         save_npy(perturbed_input, trainer.perturbation_folder / f"{case.identifier}.npy")
 
+    generator = torch.Generator()
     rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     loop = Bilevel(trainer, src.preprocessed_dataset(), states,
                    VoxShieldObjective(trainer.loss, s.lambda_z, s.lambda_s), s.schedule,
-                   EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator)
+                   EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator, s.seed)
     for case in states:
         publish(case, loop.perturbed_inputs(case))
+    distributed.barrier()
     trainer.on_train_start()
+    lead = distributed.rank() == 0
     bar = tqdm(range(state.rounds_done, s.schedule.rounds), desc="VoxShield rounds", initial=state.rounds_done,
-               total=s.schedule.rounds)
+               total=s.schedule.rounds, disable=not lead)
     for r in bar:
         record = loop.run_round(r, publish)
+        distributed.check_in_sync(trainer.plain_network)
         history.append(record)
         bar.set_postfix(ratio=f"{record['ratio']:.3f}", seg=f"{record.get('seg', float('nan')):.3f}")
         done = r + 1 == s.schedule.rounds or record["ratio"] < s.schedule.stop_ratio
-        state.save(trainer, r + 1, {c.identifier: c.delta for c in states}, history, generator, finished=done)
+        deltas = {k: v for shard in distributed.all_gather({c.identifier: c.delta.cpu() for c in states})
+                  for k, v in shard.items()}
+        if lead:
+            state.save(trainer, r + 1, deltas, history, finished=done)
         if done:
             break
-    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
-    return {c.identifier: c.delta.cpu() for c in states}, history
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))  # nnU-Net: rank 0 only
+    return deltas, history
 
 
-def protect(s: ProtectSettings) -> Path:
-    """The whole job; returns the folder of the protected raw dataset."""
+def protect(s: ProtectSettings) -> Path | None:
+    """The whole job; returns the folder of the protected raw dataset.
+
+    Started by torchrun (one process per GPU, on one or several nodes), every process joins the group, prepares the
+    cases and optimises its shard; only global rank 0 writes the dataset (the other ranks return None).
+    """
+    if distributed.launched_by_torchrun():
+        with distributed.process_group(get_device(s.device)):
+            return _protect(s)
+    return _protect(s)
+
+
+def _protect(s: ProtectSettings) -> Path | None:
     validate(s)
     device = get_device(s.device)
     src = load_source(s.dataset, s.configuration, s.plans)
     check_export_supported(src.plans_manager, src.dataset_json)
+    validate_num_gpus(s, src)
     out = OutputDataset.choose(src.name, s.output_id, s.overwrite)
     preflight(src, s)
-    generator = seed_everything(s.seed)
     t0 = time.time()
     with ThreadPoolExecutor(max(1, s.num_processes)) as pool:  # file reads and nnU-Net preprocessing, in parallel
         cases = list(tqdm(pool.map(lambda i: prepare_case(src, i, s), src.identifiers), desc="preparing cases",
-                          total=len(src.identifiers)))
-    deltas, history = optimise(src, cases, s, device, generator)
+                          total=len(src.identifiers), disable=distributed.rank() > 0))
+    deltas, history = optimise(src, cases, s, device)
+    if distributed.rank() > 0:
+        return None
     t1 = time.time()
     run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)},
                 "work_folder": str(surrogate_folder(src)) if s.method == "voxshield" else None,

@@ -1,15 +1,14 @@
-"""Checkpoints of the bilevel loop: surrogate, optimiser, perturbations and RNG states, one consistent set per round.
+"""Checkpoints of the bilevel loop: surrogate, optimiser and perturbations, one consistent set per round.
 
-Each round writes `round_NNNN.pth` (nnU-Net's own trainer checkpoint) and `round_NNNN_state.pth` (deltas, history,
-RNG states), then commits by atomically rewriting `voxshield_run.json`; files of older rounds are removed after the
-commit. A run killed at any point resumes from the last committed round.
+Each round writes `round_NNNN.pth` (nnU-Net's own trainer checkpoint) and `round_NNNN_state.pth` (the deltas), then
+commits by atomically rewriting `voxshield_run.json` (settings and history); files of older rounds are removed after
+the commit. A run killed at any point resumes from the last committed round. No random state is stored: the loop
+reseeds from (seed, round, ...) wherever it draws (`bilevel.reseed`).
 """
 import hashlib
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nnunet_voxshield.atomic import atomic_write, save_json
@@ -22,25 +21,14 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "generator": generator.get_state()}
-
-
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    generator.set_state(state["generator"])
-
-
 class RunState:
     """The committed progress of one protection run in the surrogate trainer's output folder."""
 
-    def __init__(self, folder: Path, settings: dict):
+    def __init__(self, folder: Path, settings: dict | None = None):
+        """`settings` are those of the run about to start; None only reads what is committed."""
         self.folder = Path(folder)
         self.settings = settings
-        self.key = fingerprint(settings)
+        self.key = None if settings is None else fingerprint(settings)
         f = self.folder / RUN_FILE
         self.committed = json.loads(f.read_text()) if f.is_file() else None
 
@@ -65,11 +53,11 @@ class RunState:
     def history(self) -> list:
         return list(self.committed["history"]) if self.committed else []
 
-    def save(self, trainer, rounds_done: int, deltas: dict, history: list, generator, finished: bool) -> None:
+    def save(self, trainer, rounds_done: int, deltas: dict, history: list, finished: bool) -> None:
         tag = f"round_{rounds_done:04d}"
         trainer.current_epoch = rounds_done - 1  # nnU-Net stores current_epoch + 1
         atomic_write(self.folder / f"{tag}.pth", trainer.save_checkpoint, suffix=".pth")
-        state = {"deltas": {k: v.cpu() for k, v in deltas.items()}, "rng": rng_state(generator)}
+        state = {"deltas": {str(k): v.cpu() for k, v in deltas.items()}}
         atomic_write(self.folder / f"{tag}_state.pth", lambda t: torch.save(state, t), suffix=".pth")
         self.committed = {"fingerprint": self.key, "settings": self.settings, "rounds_done": rounds_done,
                           "history": history, "finished": finished}
@@ -78,10 +66,11 @@ class RunState:
             if not f.name.startswith(tag):
                 f.unlink()
 
-    def restore(self, trainer, generator) -> dict:
-        """Load the committed round into the trainer and RNGs; return the deltas."""
-        tag = f"round_{self.rounds_done:04d}"
-        trainer.load_checkpoint(str(self.folder / f"{tag}.pth"))
-        state = torch.load(self.folder / f"{tag}_state.pth", weights_only=False)
-        set_rng_state(state["rng"], generator)
-        return state["deltas"]
+    def restore(self, trainer) -> dict:
+        """Load the committed round into the trainer; return the deltas."""
+        trainer.load_checkpoint(str(self.folder / f"round_{self.rounds_done:04d}.pth"))
+        return self.deltas()
+
+    def deltas(self) -> dict:
+        """The committed round's perturbations (cropped grid, normalised units, on the CPU)."""
+        return torch.load(self.folder / f"round_{self.rounds_done:04d}_state.pth", weights_only=True)["deltas"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch.nn.parallel import DistributedDataParallel
 
 
 class PerturbedDataset:
@@ -37,14 +38,44 @@ class nnUNetTrainerVoxShieldSurrogate(nnUNetTrainer):
 
     Deep supervision is off: the noise step needs one full-resolution output, and training the surrogate with the
     same single-output loss keeps both levels of the bilevel problem on the same objective.
+
+    Under torch.distributed (`-num_gpus N`) the surrogate trains with DDP like nnU-Net's own multi-GPU training,
+    but also on CPU processes (gloo), which stock nnU-Net does not allow; see `initialize`.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type != "cuda":
+            self.device = device  # nnU-Net assumes DDP means CUDA; gloo ranks run on the CPU
         self.enable_deep_supervision = False
         self.perturbation_folder = Path(self.output_folder) / "perturbed_inputs"
         self.save_every = 10 ** 9  # the bilevel loop checkpoints itself, together with the perturbations
+
+    def initialize(self):
+        """Build network, optimiser and loss as a single process would, then wrap the network in DDP.
+
+        The loss is built without DDP on purpose: the noise step evaluates it on each rank's own cases, where a loss
+        that gathers across ranks would wait for ranks that are busy with other cases. The data loader's batch
+        (`batch_size`, `oversample_foreground_percent`) is then split over the ranks as nnU-Net does, and
+        `global_batch` keeps the planned one for the noise step's patches.
+        """
+        if self.was_initialized:
+            return
+        ddp, self.is_ddp = self.is_ddp, False
+        super().initialize()
+        self.is_ddp = ddp
+        self.global_batch = (self.batch_size, self.oversample_foreground_percent)
+        if ddp:  # the lower-resolution heads get no gradient with deep supervision off: DDP must expect that
+            self._set_batch_size_and_oversample()
+            self.network = DistributedDataParallel(
+                self.network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+    @property
+    def plain_network(self) -> torch.nn.Module:
+        """The network without its DDP wrapper: input gradients must not trigger DDP's gradient all-reduce."""
+        return self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
 
     def get_tr_and_val_datasets(self):
         tr, val = super().get_tr_and_val_datasets()

@@ -169,6 +169,8 @@ ARGUMENT_CASES = [
     ("unknown_plans", ["-d", SRC, "-p", "nnUNetResEncUNetMPlans"], ["not planned with nnUNetResEncUNetMPlans",
                                                                      "run nnUNetv2_plan_and_preprocess"]),
     ("output_id_is_source", ["-d", SRC, "-o", SRC], ["other than the source's"]),
+    ("num_gpus_zero", ["-d", SRC, "-num_gpus", "0"], ["-num_gpus must be >= 1"]),
+    ("num_gpus_over_batch", ["-d", SRC, "-num_gpus", "64"], ["exceed the planned batch size", "-num_gpus"]),
 ]
 
 

@@ -72,7 +72,8 @@ def test_check_reports_a_budget_violation(planned):
 
 
 def test_resume_after_kill(planned):
-    """SIGKILL a run after its first committed round; the same command resumes it and the result passes check."""
+    """SIGKILL a run after its first committed round; the same command resumes it, ends where an uninterrupted run
+    ends, and the result passes check."""
     results = planned["nnUNet_results"] / f"Dataset{SRC}_Tiny"
     run_file = next(results.glob("nnUNetTrainerVoxShieldSurrogate__*"), results) / "fold_all" / "voxshield_run.json"
     args = [sys.executable, "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "692", "-device", "cpu",
@@ -96,3 +97,47 @@ def test_resume_after_kill(planned):
     report = json.loads((planned["nnUNet_raw"] / "Dataset692_TinyVoxShield" / "voxshield.json").read_text())
     assert [h["round"] for h in report["history"]] == [1, 2, 3]
     assert check_cli.main(["-d", str(SRC), "-pd", "692"]) == 0
+
+    from nnunet_voxshield.run_state import RunState
+    resumed_deltas = RunState(run_file.parent).deltas()
+    uninterrupted = _optimised(planned, ["-o", "695", "--rounds", "3", "--surrogate-iters", "2", "--seed", "1"])
+    for k in uninterrupted:
+        assert float((resumed_deltas[k] - uninterrupted[k]).abs().max()) < 1e-5, k
+
+
+def _optimised(planned, args) -> dict:
+    """Protect with `args`; return the run's final deltas from its committed state."""
+    from nnunet_voxshield.protect import surrogate_folder
+    from nnunet_voxshield.run_state import RunState
+    from nnunet_voxshield.source import load_source
+    assert protect_cli.main(["-d", str(SRC), "-device", "cpu", "--rounds", "2", "--overwrite", *args]) == 0
+    return RunState(surrogate_folder(load_source(str(SRC)))).deltas()
+
+
+def test_two_gloo_processes_match_one_process(planned):
+    """-num_gpus 2 on the CPU (gloo): with a fixed surrogate the sharded noise steps reproduce a single process."""
+    one = _optimised(planned, ["-o", "692", "--surrogate-iters", "0"])
+    two = _optimised(planned, ["-o", "693", "--surrogate-iters", "0", "-num_gpus", "2"])
+    assert sorted(one) == sorted(two) and len(one) == 4
+    for k in one:
+        assert float((one[k] - two[k]).abs().max()) < 1e-5, k
+        assert float(one[k].abs().max()) > 0
+
+
+def test_two_gloo_processes_train_the_surrogate_with_ddp(planned):
+    """With surrogate training, the ranks' DDP replicas are compared after every round; the result passes check."""
+    deltas = _optimised(planned, ["-o", "694", "--surrogate-iters", "2", "-num_gpus", "2"])
+    assert len(deltas) == 4
+    assert check_cli.main(["-d", str(SRC), "-pd", "694"]) == 0
+
+
+def test_torchrun_processes_form_one_group(planned):
+    """Under torchrun (the launcher for several nodes) each process runs the command; one dataset is written."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "696", "-device", "cpu", "--rounds", "1",
+            "--surrogate-iters", "1", "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "The world size is 2" in run.stdout and run.stdout.count("voxshield: wrote") == 1
+    assert check_cli.main(["-d", str(SRC), "-pd", "696"]) == 0

@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", default="3d_fullres", help="nnU-Net configuration whose network is the surrogate [3d_fullres]")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier [nnUNetPlans]")
     p.add_argument("-device", default="cuda", help="cuda, cpu or mps [cuda]")
+    p.add_argument("-num_gpus", type=int, default=1,
+                   help="processes for the bilevel loop, as in nnUNetv2_train: DDP over N GPUs with -device cuda, "
+                        "N gloo processes with -device cpu; each owns a shard of the cases [1]")
     p.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)), help="processes for file work")
     p.add_argument("--method", default="voxshield", choices=["voxshield", "random", "classwise"],
                    help="voxshield (default); random: uniform noise of the same budget and ROI (baseline); "
@@ -64,10 +67,12 @@ def main(argv=None):
         eps_raw=a.eps_raw, lambda_z=a.lambda_z, lambda_s=a.lambda_s, roi=a.roi, slice_axis=a.slice_axis,
         schedule=Schedule(rounds=a.rounds, surrogate_iters=a.surrogate_iters, noise_steps=a.noise_steps,
                           step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio),
-        seed=a.seed, warm_start=a.warm_start, overwrite=a.overwrite, resume_only=a.resume_only, num_processes=a.np)
+        seed=a.seed, warm_start=a.warm_start, overwrite=a.overwrite, resume_only=a.resume_only, num_processes=a.np,
+        num_gpus=a.num_gpus)
     folder = protect(settings)
-    print(f"voxshield: wrote {folder}")
-    print(f"voxshield: verify with nnUNetv2_voxshield_check -d {a.d} -pd {folder.name[7:10]}")
+    if folder is not None:  # None: another rank of a torchrun group wrote it
+        print(f"voxshield: wrote {folder}")
+        print(f"voxshield: verify with nnUNetv2_voxshield_check -d {a.d} -pd {folder.name[7:10]}")
     return 0
 
 
