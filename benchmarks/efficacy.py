@@ -20,7 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VARIANTS = {"voxshield": {}, "random": {"method": "random"}, "classwise": {"method": "classwise"},
             "voxshield_no_freq": {"lambda_z": 0.0}, "error_min_only": {"lambda_z": 0.0, "lambda_s": 0.0},
-            "voxshield_roi_all": {"roi": "all"}}
+            "voxshield_roi_all": {"roi": "all"},
+            "voxshield_4steps": {"schedule": {"rounds": 10, "noise_steps": 4}}}  # 4x the noise steps per round
 
 
 def machine() -> dict:
@@ -63,9 +64,10 @@ def main(argv=None):
         out_id = a.d + 100 + list(VARIANTS).index(variant)  # stable per variant, so reruns reuse finished work
         existing = list(raw.glob(f"Dataset{out_id:03d}_*"))
         t0 = time.time()
+        settings = dict(VARIANTS[variant])
+        schedule = Schedule(**{"rounds": a.rounds, **settings.pop("schedule", {})})
         folder = existing[0] if existing else protect(ProtectSettings(
-            dataset=str(a.d), output_id=out_id, device=a.device, schedule=Schedule(rounds=a.rounds),
-            **VARIANTS[variant]))
+            dataset=str(a.d), output_id=out_id, device=a.device, schedule=schedule, overwrite=True, **settings))
         protect_s = time.time() - t0
         report = json.loads((folder / "voxshield.json").read_text())
         ev = evaluate(a.d, out_id, trainers=a.victims, fold="all", seeds=a.seeds, device=a.device)
