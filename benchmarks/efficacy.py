@@ -21,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {"voxshield": {}, "random": {"method": "random"}, "classwise": {"method": "classwise"},
             "voxshield_no_freq": {"lambda_z": 0.0}, "error_min_only": {"lambda_z": 0.0, "lambda_s": 0.0},
             "voxshield_roi_all": {"roi": "all"},
-            "voxshield_4steps": {"schedule": {"rounds": 10, "noise_steps": 4}}}  # 4x the noise steps per round
+            "voxshield_4steps": {"schedule": {"rounds": 10, "noise_steps": 4}},  # 4x the noise steps per round
+            "voxshield_eps16": {"eps": 16 / 255, "schedule": {"rounds": 8, "noise_steps": 2}}}  # diagnostic: 4x budget
 
 
 def machine() -> dict:
