@@ -22,7 +22,8 @@ VARIANTS = {"voxshield": {}, "random": {"method": "random"}, "classwise": {"meth
             "voxshield_no_freq": {"lambda_z": 0.0}, "error_min_only": {"lambda_z": 0.0, "lambda_s": 0.0},
             "voxshield_roi_all": {"roi": "all"},
             "voxshield_4steps": {"schedule": {"rounds": 10, "noise_steps": 4}},  # 4x the noise steps per round
-            "voxshield_eps16": {"eps": 16 / 255, "schedule": {"rounds": 8, "noise_steps": 2}}}  # diagnostic: 4x budget
+            "voxshield_eps16": {"eps": 16 / 255, "schedule": {"rounds": 8, "noise_steps": 2}},  # diagnostic: 4x budget
+            "voxshield_30rounds": {"schedule": {"rounds": 30}}}  # the shipped default schedule
 
 
 def machine() -> dict:

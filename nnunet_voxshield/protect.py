@@ -186,7 +186,7 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
                 deltas: dict) -> tuple[dict, list]:
     """The bilevel loop in this process; under torch.distributed on this rank's shard of the cases.
 
-    Rank 0 commits each round (all deltas gathered); the other ranks return only their own shard.
+    The deltas are gathered on every rank after each round; rank 0 commits the round.
     """
     device = distributed.rank_device(device)
     reseed(s.seed)  # the same surrogate initialisation in every process
