@@ -126,9 +126,10 @@ class Bilevel:
             xc, _ = self.eot(x_clean, y)
         return xa, xc, ya
 
-    def noise_update(self, case: CaseState, round_idx: int) -> dict:
+    def noise_update(self, case: CaseState, round_idx: int, loaded: tuple) -> dict:
+        """`loaded` is the case's `to_device_case`, shared with the shortcut probe of the same round."""
         self.generator.manual_seed(reseed(self.seed, round_idx, NOISE, case.index))
-        x, y, props = to_device_case(self.dataset, case.identifier, self.device)
+        x, y, props = loaded
         net = self.net
         net.eval()
         parts = {}
@@ -155,14 +156,15 @@ class Bilevel:
 
     # ---- measurement -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def shortcut(self, case: CaseState) -> tuple[float, float]:
+    def shortcut(self, case: CaseState, loaded: tuple) -> tuple[float, float]:
         """Surrogate cross-entropy on the case's fixed foreground patch, on x + delta and on clean x.
 
         Cross-entropy rather than nnU-Net's Dice+CE, whose Dice part is negative, so that the ratio of the means
-        means something: far below 1 is a shortcut, about 1 is none.
+        means something: far below 1 is a shortcut, about 1 is none. The surrogate is fixed during the noise pass,
+        so probing right after the case's update measures the same as probing after the whole pass.
         """
         self.net.eval()
-        x, y, props = to_device_case(self.dataset, case.identifier, self.device)
+        x, y, props = loaded
         if case.probe_bbox is None:
             reseed(self.seed, 0, PROBE, case.index)
         (pa, pc, py), case.probe_bbox = self._patches([x + case.resample(case.delta), x, y], props, case.probe_bbox)
@@ -180,11 +182,12 @@ class Bilevel:
         Under torch.distributed every rank runs this with its own cases; the record is over all cases.
         """
         surrogate_loss = self.surrogate_steps(round_idx)
-        parts = []
+        parts, probes = [], []
         for case in tqdm(self.cases, desc=f"round {round_idx + 1} noise", leave=False, disable=rank() > 0):
-            parts.append(self.noise_update(case, round_idx))
+            loaded = to_device_case(self.dataset, case.identifier, self.device)  # read once per case and round
+            parts.append(self.noise_update(case, round_idx, loaded))
+            probes.append(self.shortcut(case, loaded))
             publish(case, self.perturbed_inputs(case))
-        probes = [self.shortcut(case) for case in self.cases]
         barrier()  # every rank's new perturbations are on disk before any rank trains on them
         gathered = all_gather((surrogate_loss, parts, probes))
         parts = [p for _, ps, _ in gathered for p in ps]

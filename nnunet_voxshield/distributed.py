@@ -36,6 +36,15 @@ def all_gather(obj) -> list:
     return out
 
 
+def gather_to_lead(obj) -> list | None:
+    """One object per rank, in rank order, on rank 0 only (None elsewhere): for what only rank 0 writes."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -186,7 +186,8 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
                 deltas: dict) -> tuple[dict, list]:
     """The bilevel loop in this process; under torch.distributed on this rank's shard of the cases.
 
-    The deltas are gathered on every rank after each round; rank 0 commits the round.
+    Rank 0 gathers every rank's deltas after each round, commits the round and returns all deltas; the other ranks
+    return their own shard.
     """
     device = distributed.rank_device(device)
     reseed(s.seed)  # the same surrogate initialisation in every process
@@ -224,8 +225,9 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
         history.append(record)
         bar.set_postfix(ratio=f"{record['ratio']:.3f}", seg=f"{record.get('seg', float('nan')):.3f}")
         done = r + 1 == s.schedule.rounds or record["ratio"] < s.schedule.stop_ratio
-        deltas = {k: v for shard in distributed.all_gather({c.identifier: c.delta.cpu() for c in states})
-                  for k, v in shard.items()}
+        own = {c.identifier: c.delta.cpu() for c in states}
+        shards = distributed.gather_to_lead(own)
+        deltas = own if shards is None else {k: v for shard in shards for k, v in shard.items()}
         if lead:
             state.save(trainer, r + 1, deltas, history, finished=done)
         if done:
