@@ -18,16 +18,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SHORT = {"rounds": 8, "noise_steps": 2}  # the budget curve's schedule
 VARIANTS = {"voxshield": {}, "random": {"method": "random"}, "classwise": {"method": "classwise"},
             "voxshield_no_freq": {"lambda_z": 0.0}, "error_min_only": {"lambda_z": 0.0, "lambda_s": 0.0},
             "voxshield_roi_all": {"roi": "all"},
             "voxshield_4steps": {"schedule": {"rounds": 10, "noise_steps": 4}},  # 4x the noise steps per round
-            "voxshield_eps16": {"eps": 16 / 255, "schedule": {"rounds": 8, "noise_steps": 2}},  # diagnostic: 4x budget
+            "voxshield_eps16": {"eps": 16 / 255, "schedule": SHORT},  # diagnostic: 4x budget
             "voxshield_30rounds": {"schedule": {"rounds": 30}},  # the shipped default schedule
-            # the rest of the budget curve, on eps16's schedule
-            "voxshield_eps8": {"eps": 8 / 255, "schedule": {"rounds": 8, "noise_steps": 2}},
-            "voxshield_eps32": {"eps": 32 / 255, "schedule": {"rounds": 8, "noise_steps": 2}},
-            "voxshield_eps2": {"eps": 2 / 255, "schedule": {"rounds": 8, "noise_steps": 2}},
+            "voxshield_eps8": {"eps": 8 / 255, "schedule": SHORT},
+            "voxshield_eps32": {"eps": 32 / 255, "schedule": SHORT},
+            "voxshield_eps2": {"eps": 2 / 255, "schedule": SHORT},
             "voxshield_no_sem": {"lambda_s": 0.0}}
 
 

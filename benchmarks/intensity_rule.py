@@ -17,36 +17,28 @@ thresholds. Single-channel datasets only (the demo's T1).
 import argparse
 import itertools
 import json
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nnunet_voxshield.errors import VoxShieldError  # noqa: E402
+from nnunet_voxshield.evaluation import labelled_test_set, training_cases  # noqa: E402
+from nnunet_voxshield.nnunet_env import dataset_name, require_env  # noqa: E402
 
 BIN = 0.02
 Z_RANGE = (-4.0, 4.0)
 
 
-def load_cases(folder: Path, images: str = "imagesTr", labels: str = "labelsTr") -> list[tuple[np.ndarray, np.ndarray]]:
-    """(z-scored image inside the nonzero mask, label) per case, read with the dataset's own nnU-Net reader."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-    dataset_json = load_json(folder / "dataset.json")
-    if images == "imagesTr":
-        files = get_filenames_of_train_images_and_targets(str(folder), dataset_json)
-        pairs = [(v["images"], v["label"]) for _, v in sorted(files.items())]
-    else:
-        ending = dataset_json["file_ending"]
-        pairs = [([str(p)], str(folder / labels / p.name.replace("_0000" + ending, ending)))
-                 for p in sorted((folder / images).glob(f"*_0000{ending}"))]
+def load_cases(pairs: list[tuple[list[str], str]], dataset_json: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(z-scored image inside the nonzero mask, label) per (image files, label file), with the dataset's reader."""
     rw = determine_reader_writer_from_dataset_json(dataset_json, pairs[0][0][0])()
     cases = []
     for image_files, label_file in pairs:
-        if len(image_files) != 1:
-            sys.exit(f"{folder.name}: {len(image_files)} channels; this diagnostic handles single-channel data only")
         x = rw.read_images(image_files)[0][0]
         y = rw.read_seg(label_file)[0][0].astype(np.int64)
         mask = x != 0
@@ -93,21 +85,26 @@ def main(argv=None):
     p.add_argument("-pd", nargs="*", default=[], help="protected datasets whose training images to fit the rule on")
     p.add_argument("--out", default=None, help="folder for intensity_rule.{json,md}")
     a = p.parse_args(argv)
-    raw = Path(os.environ["nnUNet_raw"])
-    source = raw / maybe_convert_to_dataset_name(a.d)
-    dataset_json = load_json(source / "dataset.json")
+    raw = require_env("nnUNet_raw")["nnUNet_raw"]
+    source = dataset_name(a.d)
+    dataset_json = load_json(raw / source / "dataset.json")
+    if len(dataset_json["channel_names"]) != 1:
+        sys.exit(f"{source}: {len(dataset_json['channel_names'])} channels; this diagnostic handles one channel only")
     labels = sorted(v for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
     names = {v: k for k, v in dataset_json["labels"].items() if isinstance(v, int)}
-    test = load_cases(source, "imagesTs", "labelsTs")
+    heldout = labelled_test_set(source, dataset_json)
+    test = load_cases([(heldout.images[c], heldout.labels[c]) for c in sorted(heldout.labels)], dataset_json)
     rows = []
     for name in [a.d, *a.pd]:
-        folder = raw / maybe_convert_to_dataset_name(name)
-        train = load_cases(folder)
+        folder = dataset_name(name)
+        own_json = load_json(raw / folder / "dataset.json")
+        files = training_cases(folder, own_json)
+        train = load_cases([(f["images"], f["label"]) for _, f in sorted(files.items())], own_json)
         order, t = fit(train, labels)
-        rows.append({"fit_on": folder.name, "thresholds_z": [round(float(v), 3) for v in t],
+        rows.append({"fit_on": folder, "thresholds_z": [round(float(v), 3) for v in t],
                      "train_dice": score(train, order, t), "clean_test_dice": score(test, order, t)})
     result = {"command": "python benchmarks/intensity_rule.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "test_set": f"{source.name} imagesTs",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "test_set": f"{source} imagesTs",
               "rows": rows}
     md = ["# Intensity-threshold rule: training set -> clean held-out Dice", "",
           f"Command: `{result['command']}`  ", f"Date: {result['date']}  ",
@@ -129,4 +126,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except VoxShieldError as e:
+        sys.exit(f"intensity_rule.py: {e}")
