@@ -56,11 +56,11 @@ def main(argv=None):
     os.environ.setdefault("nnUNet_def_n_proc", "2")
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
 
-    from nnunet_voxshield.bilevel import Schedule
-    from nnunet_voxshield.demo_data import build_demo_dataset
-    from nnunet_voxshield.evaluation import evaluate
-    from nnunet_voxshield.nnunet_env import plan_and_preprocess
-    from nnunet_voxshield.protect import ProtectSettings, protect
+    from nnunet_voxshield.config import Schedule
+    from nnunet_voxshield.demo.mni_tissues import build_demo_dataset
+    from nnunet_voxshield.evaluation.evaluate import evaluate
+    from nnunet_voxshield.nnunet.env import plan_and_preprocess
+    from nnunet_voxshield.release.protect import ProtectSettings, protect
 
     raw = Path(os.environ["nnUNet_raw"])
     if not list(raw.glob(f"Dataset{a.d:03d}_*")):

@@ -33,8 +33,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nnunet_voxshield.sliding_window import sliding_window_backward, sliding_window_logits  # noqa: E402
+from sliding_window import sliding_window_backward, sliding_window_logits  # beside this script
 
 N_LABELS = 4
 EPS = 4 / 255 * 10  # the released budget in nnU-Net z-score units (+-5 sigma window mapped to [0, 1])

@@ -1,8 +1,6 @@
 """One-line user errors: every expected failure names its fix instead of printing a traceback."""
 import errno
-import functools
 import os
-import sys
 
 
 class VoxShieldError(Exception):
@@ -34,24 +32,3 @@ def os_error_message(e: OSError) -> str | None:
     if e.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied on {where}: fix its permissions or point nnUNet_raw/nnUNet_results elsewhere"
     return None
-
-
-def cli_errors(main):
-    """Turn VoxShieldError and fixable OS errors into `voxshield: error: ...` on stderr and exit code 2."""
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except VoxShieldError as e:
-            print(f"voxshield: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as e:
-            message = os_error_message(e)
-            if message is None:
-                raise
-            print(f"voxshield: error: {message}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            print("voxshield: interrupted; rerun the same command to resume", file=sys.stderr)
-            sys.exit(130)
-    return wrapper

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 
-def _case(rng, shape, n_channels, body, dtype, channel_kind):
+def _case(rng, shape, channels, body, dtype, body_radius=0.95):
     zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     c = rng.uniform(-0.25, 0.25, 3)
     r = rng.uniform(0.35, 0.5, 3)
@@ -16,17 +16,25 @@ def _case(rng, shape, n_channels, body, dtype, channel_kind):
     seg = np.zeros(shape, np.uint8)
     seg[d < 1] = 1
     seg[d < 0.35] = 2
-    body_mask = (zz ** 2 + yy ** 2 + xx ** 2) < 0.95 if body else np.ones(shape, bool)
+    radius2 = zz ** 2 + yy ** 2 + xx ** 2
+    body_mask = radius2 < body_radius ** 2 if body else np.ones(shape, bool)
     seg[~body_mask] = 0
     images = []
-    for ch in range(n_channels):
+    for ch, kind in enumerate(channels):
         base = gaussian_filter(rng.normal(0, 1, shape), 2) * 3
         img = base + 10 * (seg == 1) * (1 + 0.5 * ch) + 25 * (seg == 2) + rng.normal(0, 1.5, shape)
-        if channel_kind == "CT":
+        if kind == "CT":
             img = img * 20 - 100  # HU-like
+        elif kind == "CTAir":  # a chest-like scan: air around the body, a bone shell, soft tissue and a lesion
+            img = img * 4 + 20
+            img[(radius2 > 0.8 ** 2) & body_mask] = 1200 + rng.normal(0, 40, shape)[(radius2 > 0.8 ** 2) & body_mask]
+            img[~body_mask] = -1000 + rng.normal(0, 5, shape)[~body_mask]
+        elif kind == "rgb_to_0_1":
+            img = np.clip(img * 4 + 60, 0, 255)
         else:
             img = img + 50
-        img[~body_mask] = 0
+        if kind != "CTAir":
+            img[~body_mask] = 0
         if np.issubdtype(dtype, np.integer):
             info = np.iinfo(dtype)
             img = np.clip(np.round(img), info.min, info.max)
@@ -45,27 +53,30 @@ def write_image(arr_zyx: np.ndarray, path: Path, spacing_xyz, origin=(3.0, -2.0,
 def make_raw_dataset(raw_root, dataset_id: int, name: str = "Tiny", n_train: int = 8, n_test: int = 2,
                      shape=(32, 32, 32), spacing_xyz=(1.0, 1.0, 1.0), channels=("MRI",),
                      dtype=np.float32, file_ending: str = ".nii.gz", body: bool = False, seed: int = 0,
-                     vary_shape: bool = False) -> Path:
+                     vary_shape: bool = False, body_radius: float = 0.95, vary_spacing: bool = False) -> Path:
     """Write `DatasetXXX_Name` with ellipsoid labels (1 outer, 2 inner); shape is (z, y, x) of the arrays.
 
-    channel name "CT" selects nnU-Net's CT normalisation; `body` zeroes voxels outside a sphere so that
-    nnU-Net's crop-to-nonzero and masked z-scoring come into play.
+    Channel names select nnU-Net's normalisation as usual ("CT", "noNorm", "rescale_to_0_1", "rgb_to_0_1", anything
+    else z-scores); "CTAir" is a CT channel (dataset.json says "CT") with air (-1000 HU) around the body and a bone
+    shell (+1200 HU), both far outside nnU-Net's CT clip window. `body` zeroes (for CTAir: fills with air) voxels
+    outside a sphere of `body_radius` so that crop-to-nonzero and masked z-scoring come into play. `vary_spacing`
+    gives every case its own slice spacing, so that nnU-Net resamples them.
     """
     rng = np.random.default_rng(seed)
     root = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    kind = "CT" if channels[0] == "CT" else "MRI"
     for i in range(n_train + n_test):
         split = "Tr" if i < n_train else "Ts"
         case = f"{name.lower()}_{i:03d}"
         shp = tuple(s + (int(rng.integers(-2, 3)) if vary_shape else 0) for s in shape)
-        images, seg = _case(rng, shp, len(channels), body, dtype, kind)
+        spacing = (*spacing_xyz[:2], spacing_xyz[2] * (1 + 0.15 * (i % 3)) if vary_spacing else spacing_xyz[2])
+        images, seg = _case(rng, shp, channels, body, dtype, body_radius)
         for ch, img in enumerate(images):
-            write_image(img, root / f"images{split}" / f"{case}_{ch:04d}{file_ending}", spacing_xyz)
-        write_image(seg, root / f"labels{split}" / f"{case}{file_ending}", spacing_xyz)
+            write_image(img, root / f"images{split}" / f"{case}_{ch:04d}{file_ending}", spacing)
+        write_image(seg, root / f"labels{split}" / f"{case}{file_ending}", spacing)
     dataset_json = {
-        "channel_names": {str(i): c for i, c in enumerate(channels)},
+        "channel_names": {str(i): "CT" if c == "CTAir" else c for i, c in enumerate(channels)},
         "labels": {"background": 0, "outer": 1, "inner": 2},
         "numTraining": n_train,
         "file_ending": file_ending,

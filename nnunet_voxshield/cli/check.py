@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-from nnunet_voxshield.errors import cli_errors
+from nnunet_voxshield.cli.common import cli_errors
+from nnunet_voxshield.config import MIN_SURVIVAL
 
 
 @cli_errors
@@ -14,9 +15,10 @@ def main(argv=None):
     p.add_argument("-pd", required=True, help="protected dataset id or name")
     p.add_argument("-c", default="3d_fullres", help="configuration used for protection [3d_fullres]")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier [nnUNetPlans]")
-    p.add_argument("--min-survival", type=float, default=0.9, help="required survival correlation per case [0.9]")
+    p.add_argument("--min-survival", type=float, default=MIN_SURVIVAL,
+                   help=f"required survival correlation per case [{MIN_SURVIVAL}]")
     a = p.parse_args(argv)
-    from nnunet_voxshield.check import check
+    from nnunet_voxshield.release.check import check
 
     res = check(a.d, a.pd, a.c, a.p, a.min_survival)
     print("\n".join(res.lines))

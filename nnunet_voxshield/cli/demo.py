@@ -5,7 +5,8 @@ import os
 import time
 from pathlib import Path
 
-from nnunet_voxshield.errors import cli_errors
+from nnunet_voxshield.cli.common import add_device, cli_errors, protected_id, resolve_device
+from nnunet_voxshield.config import ProtectSettings, Schedule
 
 DEMO_ROOT = "voxshield_demo"
 
@@ -29,20 +30,17 @@ def main(argv=None):
         "nnUNetv2_voxshield_check, and prints the measured figures."))
     p.add_argument("-d", type=int, default=501, help="dataset id of the demo dataset [501]")
     p.add_argument("-o", type=int, default=None, help="dataset id of the protected copy [d + 100]")
-    p.add_argument("-device", default=None, help="cuda, cpu or mps [cuda if available, else cpu]")
+    add_device(p)
     p.add_argument("--rounds", type=int, default=8, help="bilevel rounds [8: a short demo; protection needs more]")
     p.add_argument("--overwrite", action="store_true", help="rebuild the demo dataset and its protected copy")
     a = p.parse_args(argv)
     ensure_nnunet_dirs()
-    import torch
+    from nnunet_voxshield.release.check import check
+    from nnunet_voxshield.demo.mni_tissues import build_demo_dataset
+    from nnunet_voxshield.nnunet.env import plan_and_preprocess
+    from nnunet_voxshield.release.protect import protect
 
-    from nnunet_voxshield.bilevel import Schedule
-    from nnunet_voxshield.check import check
-    from nnunet_voxshield.demo_data import build_demo_dataset
-    from nnunet_voxshield.nnunet_env import plan_and_preprocess
-    from nnunet_voxshield.protect import ProtectSettings, protect
-
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(a.device)
     t0 = time.time()
     raw = Path(os.environ["nnUNet_raw"])
     existing = list(raw.glob(f"Dataset{a.d:03d}_*"))
@@ -54,7 +52,7 @@ def main(argv=None):
     folder = protect(ProtectSettings(dataset=str(a.d), output_id=a.o, device=device,
                                      schedule=Schedule(rounds=a.rounds), overwrite=a.overwrite))
     print(f"[3/4] wrote {folder} ({time.time() - t0:.0f} s); checking")
-    res = check(a.d, folder.name[7:10])
+    res = check(a.d, protected_id(folder))
     print(f"[4/4] checked ({time.time() - t0:.0f} s)")
     print("\n".join(res.lines))
     report = json.loads((folder / "voxshield.json").read_text())
@@ -68,7 +66,7 @@ def main(argv=None):
         print("FAILED:\n" + "\n".join(f"  - {v}" for v in res.violations))
         return 1
     print("OK: all promises hold. Next: nnUNetv2_voxshield_evaluate -d "
-          f"{a.d} -pd {folder.name[7:10]} -device {device} to measure unlearnability")
+          f"{a.d} -pd {protected_id(folder)} -device {device} to measure unlearnability")
     return 0
 
 

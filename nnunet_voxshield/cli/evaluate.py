@@ -1,8 +1,7 @@
 """`nnUNetv2_voxshield_evaluate`: does the protection work? Stock nnU-Net victims, clean vs protected training data."""
 import argparse
 
-from nnunet_voxshield.errors import cli_errors
-from nnunet_voxshield.evaluation import default_device, evaluate
+from nnunet_voxshield.cli.common import add_device, cli_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,8 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-f", default="0", help="fold to train (0-4 or all). Default: 0")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier. Default: nnUNetPlans")
     p.add_argument("--seeds", type=int, default=3, help="independent training runs per victim and dataset. Default: 3")
-    p.add_argument("-device", default=default_device(), choices=("cuda", "cpu", "mps"),
-                   help="device for nnU-Net training and prediction. Default: cuda if available, else cpu")
+    add_device(p)
     p.add_argument("-o", default=None,
                    help="output folder. Default: nnUNet_results/<protected dataset>/voxshield_evaluation")
     p.add_argument("--holdout-val", action="store_true",
@@ -35,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
 @cli_errors
 def main(argv=None):
     a = parser().parse_args(argv)
+    from nnunet_voxshield.evaluation.evaluate import evaluate  # torch and nnU-Net only after the arguments parse
+
     evaluate(a.d, a.pd, trainers=a.tr, configuration=a.c, fold=a.f, seeds=a.seeds, device=a.device, plans=a.p,
              output=a.o, holdout_val=a.holdout_val, verbose=a.verbose)
 

@@ -1,18 +1,9 @@
 """`nnUNetv2_voxshield_protect -d 501`: write nnUNet_raw/Dataset601_<Name>VoxShield."""
 import argparse
 import os
-from fractions import Fraction
 
-from nnunet_voxshield.bilevel import Schedule
-from nnunet_voxshield.errors import cli_errors
-
-
-def budget(text: str) -> float:
-    """Accept `4/255` as well as `0.0157`."""
-    try:
-        return float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}")
+from nnunet_voxshield.cli.common import add_device, budget, cli_errors, protected_id
+from nnunet_voxshield.config import LAMBDA_S, LAMBDA_Z, METHODS, MIN_SURVIVAL, ROI, ProtectSettings, Schedule
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,20 +16,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", type=int, default=None, help="output dataset id (default: source id + 100, else first free from 600)")
     p.add_argument("-c", default="3d_fullres", help="nnU-Net configuration whose network is the surrogate [3d_fullres]")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier [nnUNetPlans]")
-    p.add_argument("-device", default="cuda", help="cuda, cpu or mps [cuda]")
+    add_device(p, "cuda")
     p.add_argument("-num_gpus", type=int, default=1,
                    help="processes for the bilevel loop, as in nnUNetv2_train: DDP over N GPUs with -device cuda, "
                         "N gloo processes with -device cpu; each owns a shard of the cases [1]")
     p.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)), help="processes for file work")
-    p.add_argument("--method", default="voxshield", choices=["voxshield", "random", "classwise"],
+    p.add_argument("--method", default="voxshield", choices=METHODS,
                    help="voxshield (default); random: uniform noise of the same budget and ROI (baseline); "
                         "classwise: one fixed +-eps texture per label shared by all cases (shortcut baseline)")
     p.add_argument("--eps", type=budget, default=None,
                    help="L-inf budget as a fraction of a +-5 sigma window, the paper's unit [4/255 = 0.157 sigma]")
     p.add_argument("--eps-raw", type=float, default=None, help="absolute budget in raw intensity units instead of --eps")
-    p.add_argument("--lambda-z", type=float, default=0.2, help="weight of the inter-slice frequency disruption [0.2]")
-    p.add_argument("--lambda-s", type=float, default=0.05, help="weight of the semantic prediction disruption [0.05]")
-    p.add_argument("--roi", default="label", help="where delta may be nonzero: label, all or dilate:N [label]")
+    p.add_argument("--lambda-z", type=float, default=LAMBDA_Z,
+                   help=f"weight of the inter-slice frequency disruption [{LAMBDA_Z}]")
+    p.add_argument("--lambda-s", type=float, default=LAMBDA_S,
+                   help=f"weight of the semantic prediction disruption [{LAMBDA_S}]")
+    p.add_argument("--roi", default=ROI, help=f"where delta may be nonzero: label, all or dilate:N [{ROI}]")
     p.add_argument("--slice-axis", type=int, default=None,
                    help="through-plane axis in preprocessed order (default: largest spacing; isotropic: the file's z)")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"bilevel rounds [{d.rounds}]")
@@ -53,14 +46,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output [0]")
     p.add_argument("--continue", dest="resume_only", action="store_true",
                    help="resume an interrupted run (also automatic when the settings match); fail if there is none")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset / discard an old run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output dataset and recompute its run from scratch")
+    p.add_argument("--min-survival", type=float, default=MIN_SURVIVAL,
+                   help=f"refuse to release when a case's survival correlation is below this [{MIN_SURVIVAL}]")
+    p.add_argument("--accept-low-survival", action="store_true",
+                   help="release even when some case's survival is below --min-survival (said in the log and "
+                        "recorded in voxshield.json)")
     return p
 
 
 @cli_errors
 def main(argv=None):
     a = parser().parse_args(argv)
-    from nnunet_voxshield.protect import ProtectSettings, protect  # heavy imports after --help
+    from nnunet_voxshield.release.protect import protect  # torch and nnU-Net only after the arguments parse
 
     settings = ProtectSettings(
         dataset=a.d, output_id=a.o, configuration=a.c, plans=a.p, device=a.device, method=a.method, eps=a.eps,
@@ -68,11 +67,11 @@ def main(argv=None):
         schedule=Schedule(rounds=a.rounds, surrogate_iters=a.surrogate_iters, noise_steps=a.noise_steps,
                           step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio),
         seed=a.seed, warm_start=a.warm_start, overwrite=a.overwrite, resume_only=a.resume_only, num_processes=a.np,
-        num_gpus=a.num_gpus)
+        num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival)
     folder = protect(settings)
     if folder is not None:  # None: another rank of a torchrun group wrote it
         print(f"voxshield: wrote {folder}")
-        print(f"voxshield: verify with nnUNetv2_voxshield_check -d {a.d} -pd {folder.name[7:10]}")
+        print(f"voxshield: verify with nnUNetv2_voxshield_check -d {a.d} -pd {protected_id(folder)}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """`nnUNetv2_voxshield_trainers_path`: print the folder to put in nnUNet_extTrainer."""
-from nnunet_voxshield.nnunet_env import trainers_dir
+from nnunet_voxshield.nnunet.env import trainers_dir
 
 
 def main():

@@ -1,0 +1,525 @@
+"""Does `nnUNetv2_voxshield_protect` fit CT-sized cases? Time per round and peak memory on int16 512 x 512 x 60 CT.
+
+What it does, all in a work folder with its own nnUNet_raw / nnUNet_preprocessed / nnUNet_results (a temporary
+folder unless --work is given):
+
+1. Writes a raw CT dataset `Dataset<id>_CTScale`: --cases int16 volumes of 512 x 512 x 60 voxels, 5 mm slices, and
+   in-plane spacings spread over 0.70-0.80 mm, so that the cases' spacings differ and nnU-Net resamples every case
+   in-plane (with equal spacings the target spacing is each case's own and the resampler is the identity). Content:
+   air (-1000 HU) around a body ellipse with subcutaneous fat, muscle, a liver (label 1) with a small lesion
+   (label 2), lungs in the upper slices, a vertebra with cortical and cancellous bone, Gaussian noise of 12 HU.
+2. Runs stock `nnUNetv2_plan_and_preprocess -d <id> -c 3d_fullres` (nnUNet_n_proc_DA unset: nnunetv2 2.8.1 fails
+   with 0 there).
+3. Times one forward + backward of the whole-case resampling `Resampler.__call__` on a float32 tensor of each
+   distinct case geometry (the real ones, read from the preprocessed case properties and the plans), in a fresh
+   subprocess each, for the current `Resampler` and for the dense per-axis matrices applied with `movedim` + `@` (the
+   original implementation, kept here as the reference). Memory is the peak RSS (VmHWM, reset just before the call)
+   above the RSS before it.
+4. Runs `nnUNetv2_voxshield_protect -d <id> -device cpu --rounds R --surrogate-iters S --roi all` with
+   nnUNet_n_proc_DA=0 and nnUNet_def_n_proc=2 under `/usr/bin/time -v`, polls the resident memory of its process
+   tree every 0.5 s, and timestamps its progress bars (stderr) to split the run into phases: preparing cases, each
+   round (surrogate steps, then the noise pass over the cases) and the export. A run that exceeds --timeout is
+   stopped, and what it reached is recorded.
+
+The result is written to `--out/ct_scale_<date>[_<tag>].json`, with the commands, machine, load and versions.
+"""
+import argparse
+import datetime
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE_ZYX = (60, 512, 512)
+SLICE_MM = 5.0
+INPLANE_MM = (0.70, 0.80)  # spread over the cases
+LABELS = {"background": 0, "liver": 1, "lesion": 2}
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- the dataset ---------------------------------------------------------------------------------------------------
+def inplane_spacings(n_cases: int) -> list[float]:
+    return [round(float(s), 3) for s in np.linspace(*INPLANE_MM, n_cases)]
+
+
+def ct_phantom(spacing_xy: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """int16 HU image and uint8 labels, [z, y, x], anatomy laid out in millimetres so that spacings differ."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = SHAPE_ZYX
+    z = (np.arange(nz) - nz / 2 + 0.5) * SLICE_MM
+    y = (np.arange(ny) - ny / 2 + 0.5) * spacing_xy
+    x = (np.arange(nx) - nx / 2 + 0.5) * spacing_xy
+    zz, yy, xx = np.meshgrid(z.astype(np.float32), y.astype(np.float32), x.astype(np.float32), indexing="ij",
+                             sparse=True)
+    shift_x, shift_y = rng.uniform(-8, 8, 2)
+    xx, yy = xx - shift_x, yy - shift_y
+    width = 150 + 8 * np.cos(zz / 90)  # semi-axes of the body (mm), slowly varying along z
+    height = 105 + 6 * np.sin(zz / 70)
+    body_r = (xx / width) ** 2 + (yy / height) ** 2
+    img = np.full(SHAPE_ZYX, -1000, np.float32)
+    body_r = np.broadcast_to(body_r, SHAPE_ZYX)
+    img[body_r <= 1] = -100                                   # subcutaneous fat
+    inner = np.broadcast_to((xx / (width - 15)) ** 2 + (yy / (height - 15)) ** 2 <= 1, SHAPE_ZYX)
+    img[inner] = 45                                           # muscle / soft tissue
+    lungs = (((np.abs(xx) - 70) / 55) ** 2 + ((yy + 10) / 65) ** 2 <= 1) & (zz > 60) & inner
+    img[lungs] = -850
+    liver = np.broadcast_to(((xx + 60) / 75) ** 2 + ((yy + 5) / 60) ** 2 + ((zz + 10) / 90) ** 2 <= 1, SHAPE_ZYX)
+    img[liver & ~lungs] = 60
+    lesion_c = rng.uniform([-20, -75, -15], [20, -45, 15])   # z, x, y centre (mm) inside the liver
+    lesion = ((zz - lesion_c[0]) ** 2 + (xx - lesion_c[1]) ** 2 + (yy - lesion_c[2]) ** 2) <= 11.0 ** 2
+    img[lesion] = 110
+    vert = np.broadcast_to(xx ** 2 + (yy - 70) ** 2, SHAPE_ZYX)
+    img[vert <= 20.0 ** 2] = 1000                            # cortical shell
+    img[vert <= 16.0 ** 2] = 300                             # cancellous bone
+    img += rng.normal(0, 12, img.shape).astype(np.float32)
+    img[body_r > 1] = -1000 + rng.normal(0, 5, int((body_r > 1).sum()))  # air: no body texture
+    seg = np.zeros(img.shape, np.uint8)
+    seg[liver & ~lungs] = LABELS["liver"]
+    seg[lesion] = LABELS["lesion"]
+    return np.clip(np.rint(img), -1024, 3071).astype(np.int16), seg
+
+
+def write_dataset(raw: Path, dataset_id: int, n_cases: int) -> dict:
+    import SimpleITK as sitk
+    folder = raw / f"Dataset{dataset_id:03d}_CTScale"
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    cases = []
+    for i, sp in enumerate(inplane_spacings(n_cases)):
+        img, seg = ct_phantom(sp, seed=i)
+        for arr, path in ((img, folder / "imagesTr" / f"ct_{i:03d}_0000.nii.gz"),
+                          (seg, folder / "labelsTr" / f"ct_{i:03d}.nii.gz")):
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing((sp, sp, SLICE_MM))
+            sitk.WriteImage(im, str(path))
+        cases.append({"case": f"ct_{i:03d}", "spacing_xyz_mm": [sp, sp, SLICE_MM],
+                      "size_xyz": [SHAPE_ZYX[2], SHAPE_ZYX[1], SHAPE_ZYX[0]], "dtype": "int16",
+                      "voxels_per_label": {k: int((seg == v).sum()) for k, v in LABELS.items()}})
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": n_cases, "file_ending": ".nii.gz",
+        "name": "CTScale", "description": "synthetic int16 CT phantom for the VoxShield scale benchmark"}, indent=2))
+    return {"folder": folder.name, "cases": cases}
+
+
+# ---- running a command and watching it ------------------------------------------------------------------------------
+def _tree_memory(root_pid: int) -> tuple[int, int, list]:
+    """Sums of VmRSS, of PSS (shared pages split between sharers) and of CPU seconds (user + system, including
+    waited-for children) over root_pid and its descendants, and [(pid, rss MiB, pss MiB, command)], from /proc."""
+    children = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(p.name))
+        except (OSError, IndexError):
+            continue
+    rss_total, pss_total, cpu, procs, todo = 0, 0, 0.0, [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith("VmRSS:"))
+            pss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/smaps_rollup").read_text()
+                       .splitlines() if line.startswith("Pss:"))
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, StopIteration, IndexError):
+            continue
+        rss_total, pss_total = rss_total + rss, pss_total + pss
+        cpu += (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / CLK_TCK  # utime stime cutime cstime
+        procs.append((pid, round(rss / 2 ** 20), round(pss / 2 ** 20), cmd))
+    return rss_total, pss_total, cpu, procs
+
+
+def run_watched(cmd: list[str], env: dict, timeout: float, log: Path) -> dict:
+    """Run cmd under /usr/bin/time -v in its own session; poll its tree's memory; timestamp every output fragment.
+
+    Memory: `gnu_time.max_rss_mib` is the largest peak RSS of any single process of the tree (getrusage);
+    `peak_tree_pss_mib` the largest sum of PSS over the tree seen by polling every 0.5 s (RSS sums count pages
+    shared by forked workers several times, PSS does not).
+    """
+    timev = log.with_suffix(".time")
+    full = ["/usr/bin/time", "-v", "-o", str(timev), *cmd]
+    t0 = time.time()
+    proc = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    fragments = []  # (seconds since start, stream, text)
+
+    def reader(stream, name):
+        buf = b""
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            if not chunk:
+                break
+            buf += chunk
+            parts = re.split(rb"[\r\n]", buf)
+            buf = parts.pop()
+            now = time.time() - t0
+            fragments.extend((now, name, p.decode(errors="replace")) for p in parts if p.strip())
+        if buf.strip():
+            fragments.append((time.time() - t0, name, buf.decode(errors="replace")))
+
+    threads = [threading.Thread(target=reader, args=(s, n), daemon=True)
+               for s, n in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
+    for t in threads:
+        t.start()
+    peak_rss, peak_pss, peak_procs, peak_t, samples, timed_out = 0, 0, [], None, [], False
+    cpu_samples = []  # (seconds since start, CPU seconds of the tree so far)
+    while proc.poll() is None:
+        rss, pss, cpu, procs = _tree_memory(proc.pid)
+        elapsed = time.time() - t0
+        cpu_samples.append((elapsed, cpu))
+        peak_rss = max(peak_rss, rss)
+        if pss > peak_pss:
+            peak_pss, peak_procs, peak_t = pss, procs, round(elapsed, 1)
+        if not samples or elapsed - samples[-1][0] >= 5:
+            samples.append((round(elapsed, 1), round(pss / 2 ** 20)))
+        if elapsed > timeout:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGTERM)  # the session this function started
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    proc.wait()
+    for t in threads:
+        t.join(10)
+    wall = time.time() - t0
+    log.write_text("\n".join(f"{t:9.2f} {s} {x}" for t, s, x in fragments))
+    gnu_time = _parse_time_v(timev.read_text()) if timev.is_file() else {}
+    return {"command": " ".join(cmd), "returncode": proc.returncode, "timed_out": timed_out, "timeout_s": timeout,
+            "wall_s": round(wall, 1), "peak_tree_pss_mib": round(peak_pss / 2 ** 20, 1),
+            "peak_tree_rss_sum_mib": round(peak_rss / 2 ** 20, 1),
+            "at_peak_pss": {"t_s": peak_t, "processes_pid_rss_pss_mib_cmd": peak_procs},
+            "tree_pss_mib_every_5s": samples, "gnu_time": gnu_time,
+            "fragments": fragments, "cpu_samples": cpu_samples}
+
+
+def _parse_time_v(text: str) -> dict:
+    out = {}
+    for key, name in (("Maximum resident set size (kbytes)", "max_rss_mib"), ("User time (seconds)", "user_s"),
+                      ("System time (seconds)", "system_s"), ("Percent of CPU this job got", "cpu_percent"),
+                      ("Elapsed (wall clock) time (h:mm:ss or m:ss)", "elapsed")):
+        for line in text.splitlines():
+            if line.strip().startswith(key):
+                value = line.split(": ", 1)[1].strip()
+                out[name] = round(int(value) / 1024, 1) if name == "max_rss_mib" else value
+    return out
+
+
+def phases(fragments: list, cpu_samples: list) -> dict:
+    """Phase boundaries from the protect run's tqdm bars: preparing, rounds (surrogate, noise), export.
+
+    `*_s` are wall seconds; `*_cpu_s` the CPU seconds the process tree spent in the same interval (on a loaded
+    machine the wall time mostly measures the other processes; the CPU time does not)."""
+    def cpu_at(t):
+        before = [c for s, c in cpu_samples if s <= t]
+        return before[-1] if before else 0.0
+
+    def cpu(t0, t1):
+        return None if t0 is None or t1 is None else round(cpu_at(t1) - cpu_at(t0), 1)
+
+    first, last = {}, {}
+    round_done = {}
+    for t, stream, text in fragments:
+        if stream != "stderr":
+            continue
+        for key, pattern in (("preparing", r"preparing cases"), ("rounds", r"VoxShield rounds"),
+                             ("writing", r"writing protected cases")):
+            if re.search(pattern, text):
+                first.setdefault(key, t)
+                last[key] = t
+        m = re.search(r"round (\d+) noise", text)
+        if m:
+            first.setdefault(f"noise{m.group(1)}", t)
+            last[f"noise{m.group(1)}"] = t
+        m = re.search(r"VoxShield rounds:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)", text)
+        if m:
+            round_done.setdefault(int(m.group(1)), t)
+    out = {"preparing_cases_s": _span(first, last, "preparing")}
+    rounds = []
+    start = round_done.get(0, first.get("rounds"))
+    k = 1
+    while start is not None and k in round_done:
+        end = round_done[k]
+        noise_start = first.get(f"noise{k}")
+        rounds.append({"round": k, "wall_s": round(end - start, 1), "cpu_s": cpu(start, end),
+                       "surrogate_steps_s": None if noise_start is None else round(noise_start - start, 1),
+                       "surrogate_steps_cpu_s": cpu(start, noise_start),
+                       "noise_pass_and_publish_s": None if noise_start is None else round(end - noise_start, 1),
+                       "noise_pass_and_publish_cpu_s": cpu(noise_start, end)})
+        start, k = end, k + 1
+    if start is not None and first.get(f"noise{k}") is not None:  # an unfinished round: how far it got
+        rounds.append({"round": k, "unfinished": True,
+                       "surrogate_steps_s": round(first[f"noise{k}"] - start, 1),
+                       "surrogate_steps_cpu_s": cpu(start, first[f"noise{k}"]),
+                       "noise_pass_last_progress_s": round(last[f"noise{k}"] - first[f"noise{k}"], 1)})
+    elif start is not None and not rounds:
+        rounds.append({"round": 1, "unfinished": True, "seconds_in_round_1_at_stop": None})
+    out["rounds"] = rounds
+    if rounds and "rounds" in last and "writing" in first:
+        out["after_last_round_to_export_start_s"] = round(first["writing"] - round_done.get(len(rounds), 0), 1)
+    out["writing_protected_cases_s"] = _span(first, last, "writing")
+    out["optimisation_started_at_s"] = None if start is None else round(round_done.get(0, first.get("rounds")), 1)
+    return out
+
+
+def _span(first, last, key):
+    return None if key not in first else round(last[key] - first[key], 1)
+
+
+# ---- the resampler alone ---------------------------------------------------------------------------------------------
+def geometries(preprocessed: Path) -> list[dict]:
+    """Distinct (cropped shape, spacing) -> (preprocessed shape, target spacing) of the 3d_fullres cases."""
+    import blosc2  # noqa: F401  (nnU-Net's storage; only the properties pickles are read here)
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    out = {}
+    for pkl in sorted((preprocessed / cfg["data_identifier"]).glob("*.pkl")):
+        with open(pkl, "rb") as f:
+            props = pickle.load(f)
+        shape_in = [int(s) for s in props["shape_after_cropping_and_before_resampling"]]
+        sp_in = [float(s) for s in props["spacing"]]
+        key = (tuple(shape_in), tuple(sp_in))
+        out[key] = {"case": pkl.stem, "shape_in": shape_in, "spacing_in": sp_in,
+                    "spacing_out": [float(s) for s in cfg["spacing"]], "kwargs": cfg["resampling_fn_data_kwargs"]}
+    from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+    for g in out.values():
+        g["shape_out"] = [int(s) for s in compute_new_shape(g["shape_in"], g["spacing_in"], g["spacing_out"])]
+    return list(out.values())
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def resampler_probe(geometry: dict, impl: str, repeats: int) -> dict:
+    """In this (fresh) process: forward + backward of the whole-case resampling, time and peak RSS above start."""
+    import torch
+    from nnunet_voxshield.nnunet.resampling import Resampler
+    g = geometry
+    t_build = time.perf_counter()
+    r = Resampler(g["shape_in"], g["shape_out"], g["spacing_in"], g["spacing_out"], g["kwargs"])
+    if impl == "dense":  # the original implementation: dense per-axis matrices, movedim + matmul
+        mats = r.matrices(torch.float32, "cpu")
+
+        def apply(x):
+            for a, m in enumerate(mats):
+                if m is not None:
+                    x = torch.movedim(torch.movedim(x, a - 3, -1) @ m.T, -1, a - 3)
+            return x
+    else:
+        apply = r
+    build_s = time.perf_counter() - t_build  # operator construction (matrices from scipy/skimage)
+    torch.manual_seed(0)
+    x0 = torch.randn(1, *g["shape_in"])
+    gy = torch.randn(1, *g["shape_out"])
+    times, peaks = [], []
+    for _ in range(repeats):
+        x = x0.clone().requires_grad_(True)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_bytes("VmRSS")
+        t = time.perf_counter()
+        y = apply(x)
+        y.backward(gy)
+        times.append(time.perf_counter() - t)
+        peaks.append(_status_bytes("VmHWM") - before)
+        grad_norm = float(x.grad.norm())
+        out_norm = float(y.detach().norm())
+        del x, y
+    return {"impl": impl, "geometry": {k: g[k] for k in ("case", "shape_in", "shape_out", "spacing_in", "spacing_out")},
+            "torch_threads": torch.get_num_threads(), "fwd_bwd_s": [round(t, 3) for t in times],
+            "fwd_bwd_min_s": round(min(times), 3),
+            "peak_rss_above_start_mib": [round(p / 2 ** 20, 1) for p in peaks],
+            "input_mib": round(x0.numel() * 4 / 2 ** 20, 1), "output_mib": round(gy.numel() * 4 / 2 ** 20, 1),
+            "setup_s": round(build_s, 3), "output_norm": out_norm, "grad_norm": grad_norm}
+
+
+def run_probes(preprocessed: Path, impls: list[str], repeats: int, env: dict) -> list[dict]:
+    results = []
+    for g in geometries(preprocessed):
+        for impl in impls:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", json.dumps(g), "--probe-impl", impl,
+                   "--repeats", str(repeats)]
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                results.append({"impl": impl, "case": g["case"], "error": p.stderr[-2000:]})
+            else:
+                results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "error"})[:400], flush=True)
+    return results
+
+
+# ---- the protect command ---------------------------------------------------------------------------------------------
+def needs_continue_training_shim() -> bool:
+    """nnunetv2 builds whose nnUNetTrainer.__init__ pops plans["continue_training"] (set by nnU-Net's run_training)
+    raise KeyError for trainers built directly from the plans, as the protect command builds its surrogate, unless
+    the plugin sets the key itself."""
+    import importlib.util
+    trainer_src = Path(importlib.util.find_spec("nnunetv2.training.nnUNetTrainer.nnUNetTrainer").origin).read_text()
+    plugin_src = "".join(p.read_text() for p in (HERE.parent / "nnunet_voxshield").rglob("*.py"))
+    return 'plans.pop("continue_training")' in trainer_src and "continue_training" not in plugin_src
+
+
+def protect_with_shim(argv: list[str]) -> int:
+    """`nnUNetv2_voxshield_protect argv` with plans.setdefault("continue_training", False) before nnU-Net's trainer
+    reads it (see needs_continue_training_shim); nothing else changes."""
+    import functools
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    original = nnUNetTrainer.__init__
+
+    @functools.wraps(original)  # nnU-Net reads the signature of __init__ to record its arguments
+    def init(self, plans, *args, **kwargs):
+        plans.setdefault("continue_training", False)
+        original(self, plans, *args, **kwargs)
+
+    nnUNetTrainer.__init__ = init
+    from nnunet_voxshield.cli.protect import main as protect_main
+    sys.argv = ["nnUNetv2_voxshield_protect", *argv]
+    return protect_main()
+
+
+# ---- main -------------------------------------------------------------------------------------------------------------
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+               if line.startswith("MemTotal"))
+    return {"nproc": os.cpu_count(), "cpu_model": model, "mem_total_gib": round(mem / 2 ** 20, 1),
+            "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("nnunetv2", "numpy", "scipy", "scikit-image", "SimpleITK", "nnunet_voxshield"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:  # noqa: BLE001 - not installed under that name
+            out[pkg] = None
+    try:
+        out["git_head"] = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
+                                         text=True).stdout.strip()
+    except OSError:
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", default=None, help="work folder (default: a temporary folder, removed at the end)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    p.add_argument("--id", type=int, default=871, help="source dataset id [871]")
+    p.add_argument("--cases", type=int, default=2, help="training cases (>= 2, spacings differ) [2]")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--surrogate-iters", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900, help="seconds before the protect run is stopped [900]")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions of the resampler forward + backward [3]")
+    p.add_argument("--probe-impls", default="current,dense", help="resampler variants to time [current,dense]")
+    p.add_argument("--skip-protect", action="store_true", help="dataset, planning and resampler timing only")
+    p.add_argument("--tag", default="", help="suffix of the result file name, e.g. before / after")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-impl", default="current", help=argparse.SUPPRESS)
+    p.add_argument("--protect-shim", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.protect_shim is not None:
+        return protect_with_shim(args.protect_shim)
+    if args.probe:
+        print(json.dumps(resampler_probe(json.loads(args.probe), args.probe_impl, args.repeats)))
+        return 0
+    if args.cases < 2:
+        p.error("--cases must be >= 2: with one spacing nnU-Net does not resample")
+
+    started = datetime.datetime.now()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="voxshield_ct_scale_"))
+    dirs = {n: work / n for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **{k: str(v) for k, v in dirs.items()}}
+    env.pop("nnUNet_n_proc_DA", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    record = {"date": started.isoformat(timespec="seconds"), "tag": args.tag,
+              "script": "python benchmarks/ct_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "machine": machine(), "versions": versions(), "work_folder": str(work)}
+    try:
+        t = time.time()
+        record["dataset"] = write_dataset(dirs["nnUNet_raw"], args.id, args.cases)
+        record["dataset"]["write_s"] = round(time.time() - t, 1)
+        print(f"dataset written in {record['dataset']['write_s']} s", flush=True)
+
+        plan_cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(args.id), "-c", "3d_fullres", "-npfp", "2", "-np", "2"]
+        plan = run_watched(plan_cmd, env, 3600, work / "plan.log")
+        plan.pop("fragments"), plan.pop("cpu_samples")
+        record["plan_and_preprocess"] = plan
+        print(f"plan_and_preprocess: {plan['wall_s']} s, rc {plan['returncode']}", flush=True)
+        if plan["returncode"] != 0:
+            raise SystemExit(f"nnUNetv2_plan_and_preprocess failed; see {work / 'plan.log'}")
+        pre = dirs["nnUNet_preprocessed"] / record["dataset"]["folder"]
+        plans = json.loads((pre / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+        record["plans_3d_fullres"] = {k: plans[k] for k in ("patch_size", "batch_size", "spacing",
+                                                            "median_image_size_in_voxels")}
+
+        impls = args.probe_impls.split(",")
+        record["resampler_fwd_bwd"] = run_probes(pre, impls, args.repeats, env)
+
+        if not args.skip_protect:
+            penv = {**env, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2"}
+            cmd = ["nnUNetv2_voxshield_protect", "-d", str(args.id), "-device", "cpu", "--rounds", str(args.rounds),
+                   "--surrogate-iters", str(args.surrogate_iters), "--roi", "all"]
+            shim = needs_continue_training_shim()
+            if shim:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--protect-shim", *cmd[1:]]
+            record["machine"]["loadavg_before_protect"] = list(os.getloadavg())
+            run = run_watched(cmd, penv, args.timeout, work / "protect.log")
+            run["continue_training_shim"] = (
+                "applied: this nnunetv2 pops plans['continue_training'] in nnUNetTrainer.__init__ and the plugin does "
+                "not set it, so the command is run in-process with plans.setdefault('continue_training', False); "
+                "equivalent to: nnUNetv2_voxshield_protect " + " ".join(cmd[3:])) if shim else None
+            record["machine"]["loadavg_after_protect"] = list(os.getloadavg())
+            fragments, cpu_samples = run.pop("fragments"), run.pop("cpu_samples")
+            run["environment"] = "nnUNet_n_proc_DA=0 nnUNet_def_n_proc=2"
+            run["phases"] = phases(fragments, cpu_samples)
+            run["log_tail"] = [f"{t:.1f} {s} {x}"[:300] for t, s, x in fragments[-25:]]
+            out_json = list(dirs["nnUNet_raw"].glob("Dataset*VoxShield/voxshield.json"))
+            if out_json:
+                vs = json.loads(out_json[0].read_text())
+                run["voxshield_json"] = {"history": vs.get("history"), "timings_s": vs.get("timings_s"),
+                                         "cases": vs.get("cases")}
+            record["protect"] = run
+            print(json.dumps({k: run[k] for k in ("wall_s", "returncode", "timed_out", "peak_tree_pss_mib",
+                                                  "gnu_time", "phases")}, indent=1), flush=True)
+    finally:
+        record["total_s"] = round((datetime.datetime.now() - started).total_seconds(), 1)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"ct_scale_{started:%Y%m%d}{'_' + args.tag if args.tag else ''}.json"
+        (out / name).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        print(f"wrote {out / name}", flush=True)
+        if not args.work and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The optimisation of one protection run: baselines directly, VoxShield through the resumable, distributed bilevel
+loop with nnU-Net's own surrogate trainer."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnunet_voxshield.config import ProtectSettings
+from nnunet_voxshield.errors import VoxShieldError
+from nnunet_voxshield.job.atomic import save_npy
+from nnunet_voxshield.job.cases import PreparedCase
+from nnunet_voxshield.job.run_state import RunState
+from nnunet_voxshield.method.baselines import classwise_delta, label_textures, uniform_delta
+from nnunet_voxshield.method.bilevel import Bilevel, CaseState, reseed
+from nnunet_voxshield.method.eot import EOTAugment
+from nnunet_voxshield.method.objectives import VoxShieldObjective
+from nnunet_voxshield.nnunet import distributed
+from nnunet_voxshield.nnunet.bridge import resampler
+from nnunet_voxshield.nnunet.env import require_env
+from nnunet_voxshield.nnunet.source import Source
+from nnunet_voxshield.nnunet.surrogate import nnUNetTrainerVoxShieldSurrogate
+
+
+def surrogate_folder(src: Source) -> Path:
+    """nnU-Net's output folder of the surrogate trainer; every run keeps its own folder inside it (never released)."""
+    return (Path(require_env()["nnUNet_results"]) / src.name /
+            f"{nnUNetTrainerVoxShieldSurrogate.__name__}__{src.plans_manager.plans_name}__{src.configuration}" / "fold_all")
+
+
+def build_trainer(src: Source, s: ProtectSettings, device: torch.device, run_folder: Path):
+    plans = {**src.plans, "continue_training": False}  # the run state, not nnU-Net, restores a resumed run
+    trainer = nnUNetTrainerVoxShieldSurrogate(plans, src.configuration, "all", src.dataset_json, device)
+    trainer.perturbation_folder = run_folder / "perturbed_inputs"  # runs of one source must not share inputs
+    trainer.num_epochs = s.schedule.rounds  # nnU-Net's poly learning-rate schedule spans the rounds
+    trainer.initialize()
+    if s.warm_start:
+        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+        if not Path(s.warm_start).is_file():
+            raise VoxShieldError(f"--warm-start {s.warm_start}: no such checkpoint file")
+        load_pretrained_weights(trainer.network, s.warm_start, verbose=False)
+    return trainer
+
+
+def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
+             device: torch.device) -> tuple[dict, list, Path | None]:
+    """Run, resume or reuse the optimisation; return the final deltas (cropped grid, normalised), the history and
+    the run's folder (None for the baselines, which keep no state)."""
+    if s.method == "classwise":
+        textures = label_textures(src.plans_manager.get_label_manager(src.dataset_json).foreground_labels,
+                                  len(cases[0].eps_norm), s.seed)
+        return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures, c.grid.headroom)
+                for c in cases}, [], None
+    rng = np.random.default_rng(s.seed)
+    deltas = {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}
+    if s.method == "random":
+        return deltas, [], None
+    lead = distributed.rank() == 0
+    if lead:
+        state = RunState.for_settings(surrogate_folder(src), s.optimisation_key())
+        if s.overwrite and state.committed:
+            state.discard()
+    distributed.barrier()  # under torchrun: every rank reads the state after rank 0 adopted or discarded it
+    state = RunState.for_settings(surrogate_folder(src), s.optimisation_key())
+    if s.resume_only and not state.committed:
+        raise VoxShieldError(f"--continue: nothing to resume in {state.folder}; run without --continue")
+    if state.finished:
+        if lead:
+            print(f"voxshield: reusing the finished run {state.folder} (same settings; --overwrite recomputes it)")
+        return state.deltas(), state.history, state.folder
+    if state.committed and lead:
+        print(f"voxshield: resuming after round {state.rounds_done} from {state.folder}")
+    if s.num_gpus > 1 and distributed.world_size() == 1:
+        distributed.spawn(run_bilevel, s.num_gpus, device, src, cases, s, device, deltas, state.folder)
+        state = RunState(state.folder)
+        return state.deltas(), state.history, state.folder
+    deltas, history = run_bilevel(src, cases, s, device, deltas, state.folder)
+    return deltas, history, state.folder
+
+
+def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, device: torch.device,
+                deltas: dict, folder: Path) -> tuple[dict, list]:
+    """The bilevel loop in this process; under torch.distributed on this rank's shard of the cases.
+
+    Rank 0 gathers every rank's deltas after each round, commits the round and returns all deltas; the other ranks
+    return their own shard.
+    """
+    device = distributed.rank_device(device)
+    reseed(s.seed)  # the same surrogate initialisation in every process
+    trainer = build_trainer(src, s, device, folder)
+    state = RunState(folder, s.optimisation_key())
+    if state.committed:
+        deltas = state.restore(trainer)
+    history = state.history
+
+    states = [CaseState(c.identifier, i, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
+                        torch.from_numpy(c.mask).to(device), deltas[c.identifier].to(device), c.slice_axis,
+                        None if c.grid.headroom is None else torch.from_numpy(c.grid.headroom).to(device))
+              for i, c in distributed.shard(list(enumerate(cases)))]
+    trainer.perturbation_folder.mkdir(parents=True, exist_ok=True)
+
+    def publish(case: CaseState, perturbed_input: np.ndarray):
+        save_npy(perturbed_input, trainer.perturbation_folder / f"{case.identifier}.npy")
+
+    generator = torch.Generator()
+    rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    loop = Bilevel(trainer, src.preprocessed_dataset(), states,
+                   VoxShieldObjective(trainer.loss, s.lambda_z, s.lambda_s), s.schedule,
+                   EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator, s.seed)
+    for case in states:
+        publish(case, loop.perturbed_inputs(case))
+    distributed.barrier()
+    trainer.on_train_start()
+    lead = distributed.rank() == 0
+    bar = tqdm(range(state.rounds_done, s.schedule.rounds), desc="VoxShield rounds", initial=state.rounds_done,
+               total=s.schedule.rounds, disable=not lead)
+    for r in bar:
+        record = loop.run_round(r, publish)
+        distributed.check_in_sync(trainer.plain_network)
+        history.append(record)
+        bar.set_postfix(ratio=f"{record['ratio']:.3f}", seg=f"{record.get('seg', float('nan')):.3f}")
+        done = r + 1 == s.schedule.rounds or record["ratio"] < s.schedule.stop_ratio
+        own = {c.identifier: c.delta.cpu() for c in states}
+        shards = distributed.gather_to_lead(own)
+        deltas = own if shards is None else {k: v for shard in shards for k, v in shard.items()}
+        if lead:
+            state.save(trainer, r + 1, deltas, history, finished=done)
+        if done:
+            break
+    if lead:
+        trainer.save_checkpoint(str(folder / "checkpoint_final.pth"))
+    return deltas, history

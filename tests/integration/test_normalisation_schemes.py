@@ -1,0 +1,91 @@
+"""Every nnU-Net normalisation scheme: protect a tiny dataset and pass check, survival included.
+
+CT is the hard one: nnU-Net clips CT to the foreground's 0.5-99.5 percentile window before the z-score, so a
+perturbation on air or bone would be erased. VoxShield keeps delta inside the window, and refuses to release a
+dataset whose perturbation does not survive.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from nnunet_voxshield.cli import check as check_cli
+from nnunet_voxshield.cli import protect as protect_cli
+from nnunet_voxshield.nnunet import bridge
+from nnunet_voxshield.nnunet.env import plan_and_preprocess
+from synthetic import make_raw_dataset
+
+pytestmark = pytest.mark.slow  # real nnU-Net planning and preprocessing
+
+FAST = ["-device", "cpu", "--rounds", "1", "--surrogate-iters", "1"]
+CT, MULTI, MASKED = 981, 982, 983
+
+
+@pytest.fixture(scope="module")
+def planned(nnunet_module_dirs):
+    raw = nnunet_module_dirs["nnUNet_raw"]
+    # int16 chest-like CT, thick slices of varying spacing (so nnU-Net resamples), air and bone outside the window
+    make_raw_dataset(raw, CT, name="Chest", n_train=3, n_test=0, shape=(12, 40, 40), spacing_xyz=(0.8, 0.8, 4.0),
+                     channels=("CTAir",), dtype=np.int16, body=True, body_radius=0.9, vary_spacing=True)
+    # z-score without the nonzero mask, no normalisation, rescale to 0-1 and RGB, one channel each
+    make_raw_dataset(raw, MULTI, name="Schemes", n_train=3, n_test=0, shape=(16, 24, 24),
+                     channels=("T1", "noNorm", "rescale_to_0_1", "rgb_to_0_1"))
+    # z-score inside the nonzero mask (a small body, so nnU-Net plans use_mask_for_norm)
+    make_raw_dataset(raw, MASKED, name="Masked", n_train=3, n_test=0, shape=(20, 24, 24), body=True,
+                     body_radius=0.75)
+    for dataset in (CT, MULTI, MASKED):
+        plan_and_preprocess(dataset)
+    return nnunet_module_dirs
+
+
+def _plans(dirs, name) -> dict:
+    return json.loads((dirs["nnUNet_preprocessed"] / name / "nnUNetPlans.json").read_text())["configurations"][
+        "3d_fullres"]
+
+
+def _report(dirs, dataset_id) -> dict:
+    return json.loads((next(dirs["nnUNet_raw"].glob(f"Dataset{dataset_id}_*")) / "voxshield.json").read_text())
+
+
+def test_ct_with_roi_all_survives_the_clip_window(planned):
+    plans = _plans(planned, f"Dataset{CT}_Chest")
+    assert plans["normalization_schemes"] == ["CTNormalization"]
+    assert protect_cli.main(["-d", str(CT), "-o", "781", *FAST, "--roi", "all"]) == 0
+    assert check_cli.main(["-d", str(CT), "-pd", "781", "--min-survival", "0.95"]) == 0
+    report = _report(planned, 781)
+    assert report["summary"]["min_survival_corr"] >= 0.95
+    assert report["summary"]["max_budget_fraction"] <= 1
+
+
+def test_ct_release_that_would_not_survive_is_refused(planned, monkeypatch, capsys):
+    """Without the clip window (what VoxShield did before), air and bone erase the perturbation: protect must exit
+    non-zero with one line naming the cases, release nothing, and release only when told to accept it."""
+    monkeypatch.setattr(bridge, "_headroom", lambda *args: None)
+    with pytest.raises(SystemExit) as e:
+        protect_cli.main(["-d", str(CT), "-o", "782", *FAST, "--roi", "all", "--seed", "3"])
+    assert e.value.code == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("voxshield:")]
+    assert "error: survival below 0.9" in err and "--accept-low-survival" in err
+    assert not list(planned["nnUNet_raw"].glob("Dataset782_*"))
+    assert protect_cli.main(["-d", str(CT), "-o", "782", *FAST, "--roi", "all", "--seed", "3",
+                             "--accept-low-survival"]) == 0
+    assert "warning: releasing" in capsys.readouterr().out
+    assert _report(planned, 782)["survival_accepted_below"]
+    assert check_cli.main(["-d", str(CT), "-pd", "782"]) == 1  # and check still says the truth
+
+
+def test_zscore_nonorm_rescale_and_rgb(planned):
+    plans = _plans(planned, f"Dataset{MULTI}_Schemes")
+    assert plans["normalization_schemes"] == ["ZScoreNormalization", "NoNormalization", "RescaleTo01Normalization",
+                                              "RGBTo01Normalization"]
+    assert not any(plans["use_mask_for_norm"])
+    assert protect_cli.main(["-d", str(MULTI), "-o", "783", *FAST, "--roi", "all"]) == 0
+    assert check_cli.main(["-d", str(MULTI), "-pd", "783"]) == 0
+    assert _report(planned, 783)["summary"]["min_survival_corr"] >= 0.95
+
+
+def test_zscore_with_the_nonzero_mask(planned):
+    plans = _plans(planned, f"Dataset{MASKED}_Masked")
+    assert plans["normalization_schemes"] == ["ZScoreNormalization"] and plans["use_mask_for_norm"] == [True]
+    assert protect_cli.main(["-d", str(MASKED), "-o", "784", *FAST, "--roi", "dilate:2"]) == 0
+    assert check_cli.main(["-d", str(MASKED), "-pd", "784"]) == 0

@@ -1,0 +1,102 @@
+"""The torch Resampler equals nnU-Net's own data resampling, and is differentiable."""
+import numpy as np
+import pytest
+import torch
+from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
+
+from nnunet_voxshield.nnunet.resampling import Resampler
+
+PLANS_KWARGS = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}  # nnU-Net's default plans
+
+# (cropped shape (z,y,x), spacing in, spacing out, expected separate-z axis or None)
+CASES = {
+    "upsample": ((10, 12, 11), (1.0, 1.0, 1.0), (0.7, 0.8, 0.9), None),
+    "downsample": ((14, 16, 13), (1.0, 1.0, 1.0), (1.3, 1.5, 1.2), None),
+    "mixed": ((12, 20, 18), (1.0, 1.0, 1.0), (1.0, 0.8, 0.8), None),
+    "separate_z_up": ((6, 20, 18), (4.0, 1.0, 1.0), (3.0, 0.9, 1.1), 0),
+    "separate_z_down": ((9, 14, 15), (4.0, 1.0, 1.0), (5.0, 1.2, 0.8), 0),
+    "separate_z_last_axis": ((14, 12, 6), (1.0, 1.0, 4.0), (0.8, 1.0, 3.0), 2),
+    "separate_z_inplane_only": ((7, 15, 13), (4.0, 1.0, 1.0), (4.0, 0.8, 0.9), 0),
+}
+
+
+def _image(shape, seed):
+    """Two channels with sharp edges, zeros and a wide range: clipping and edge handling both matter."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (2, *shape)).astype(np.float32)
+    x[0, : shape[0] // 3] = 0
+    x[1] *= 40
+    x[1, :, :, -2:] = 300
+    return x
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_nnunet_resampling(name):
+    shape, sp_in, sp_out, axis = CASES[name]
+    new_shape = tuple(int(s) for s in compute_new_shape(shape, sp_in, sp_out))
+    assert new_shape != shape
+    x = _image(shape, seed=len(name))
+    ref = resample_data_or_seg_to_shape(x, new_shape, sp_in, sp_out, **PLANS_KWARGS)
+
+    r = Resampler(shape, new_shape, sp_in, sp_out, PLANS_KWARGS)
+    assert not r.is_identity
+    assert (r.axis if r.do_separate_z else None) == axis
+    ours = r.like_nnunet(torch.from_numpy(x)).numpy()
+    data_range = float(x.max() - x.min())
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-5 * data_range
+
+    # the linear part alone (what a perturbation sees) differs from nnU-Net only where the clip acts
+    linear = r(torch.from_numpy(x)).numpy()
+    unclipped = (linear >= x.min(axis=(1, 2, 3), keepdims=True)) & (linear <= x.max(axis=(1, 2, 3), keepdims=True))
+    if axis is None:
+        assert np.abs(linear - ref)[unclipped].max() <= 1e-5 * data_range
+
+
+def test_linear_part_is_exact_for_small_signals():
+    """A perturbation far from the data's extremes resamples exactly linearly: R(x + d) - R(x) == R(d)."""
+    shape, sp_in, sp_out, _ = CASES["separate_z_up"]
+    new_shape = tuple(int(s) for s in compute_new_shape(shape, sp_in, sp_out))
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (1, *shape))
+    x[..., 0, 0], x[..., 0, 1] = 50, -50  # per-slice extremes far from everything else: the clip never acts
+    d = rng.uniform(-0.157, 0.157, x.shape)
+    ref = (resample_data_or_seg_to_shape(x + d, new_shape, sp_in, sp_out, **PLANS_KWARGS)
+           - resample_data_or_seg_to_shape(x, new_shape, sp_in, sp_out, **PLANS_KWARGS))
+    ours = Resampler(shape, new_shape, sp_in, sp_out, PLANS_KWARGS)(torch.from_numpy(d)).numpy()
+    mask = np.ones(new_shape, bool)
+    mask[:, :3, :3] = False  # around the planted extremes
+    assert np.abs(ours - ref)[:, mask].max() < 1e-9
+
+
+def test_identity_and_batch_dim():
+    r = Resampler((5, 6, 7), (5, 6, 7), (1, 1, 1), (1, 1, 1), PLANS_KWARGS)
+    x = torch.randn(2, 5, 6, 7)
+    assert r.is_identity and r(x) is x and r.like_nnunet(x) is x
+
+    shape, sp_in, sp_out, _ = CASES["mixed"]
+    new_shape = tuple(int(s) for s in compute_new_shape(shape, sp_in, sp_out))
+    r = Resampler(shape, new_shape, sp_in, sp_out, PLANS_KWARGS)
+    batch = torch.randn(3, 2, *shape, dtype=torch.float64)
+    out = r(batch)
+    assert out.shape == (3, 2, *new_shape)
+    assert torch.allclose(out[1], r(batch[1]))
+
+
+def test_reads_configuration_manager_kwargs():
+    """force_separate_z from the plans is honoured (False disables the anisotropic path)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+    cm = ConfigurationManager({"architecture": {}, "resampling_fn_data": "resample_data_or_seg_to_shape",
+                               "resampling_fn_data_kwargs": {**PLANS_KWARGS, "force_separate_z": False}})
+    r = Resampler((6, 20, 18), (8, 22, 16), (4, 1, 1), (3, 0.9, 1.1), cm)
+    assert not r.do_separate_z
+
+
+@pytest.mark.parametrize("name", ["downsample", "separate_z_up"])
+def test_gradcheck(name):
+    shape, sp_in, sp_out, _ = CASES[name]
+    small = tuple(max(3, s // 2) for s in shape)
+    new_shape = tuple(int(s) for s in compute_new_shape(small, sp_in, sp_out))
+    r = Resampler(small, new_shape, sp_in, sp_out, PLANS_KWARGS)
+    x = torch.randn(1, *small, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(r, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
