@@ -14,7 +14,8 @@ folder unless --work is given):
    distinct case geometry (the real ones, read from the preprocessed case properties and the plans), in a fresh
    subprocess each, for the current `Resampler` and for the dense per-axis matrices applied with `movedim` + `@` (the
    original implementation, kept here as the reference). Memory is the peak RSS (VmHWM, reset just before the call)
-   above the RSS before it.
+   above the RSS before it, with glibc's default allocator and with its mmap threshold fixed at 1 MiB (freed buffers
+   then leave the process, so the peak is that of the live tensors).
 4. Runs `nnUNetv2_voxshield_protect -d <id> -device cpu --rounds R --surrogate-iters S --roi all` with
    nnUNet_n_proc_DA=0 and nnUNet_def_n_proc=2 under `/usr/bin/time -v`, polls the resident memory of its process
    tree every 0.5 s, and timestamps its progress bars (stderr) to split the run into phases: preparing cases, each
@@ -159,18 +160,15 @@ def run_watched(cmd: list[str], env: dict, timeout: float, log: Path) -> dict:
     fragments = []  # (seconds since start, stream, text)
 
     def reader(stream, name):
-        buf = b""
+        # every piece is stamped when it arrives, also one that no line end has closed yet: a progress bar writes
+        # "\rtext" and the line end comes only with its next update
         while True:
-            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+            chunk = stream.read1(65536)
             if not chunk:
                 break
-            buf += chunk
-            parts = re.split(rb"[\r\n]", buf)
-            buf = parts.pop()
             now = time.time() - t0
-            fragments.extend((now, name, p.decode(errors="replace")) for p in parts if p.strip())
-        if buf.strip():
-            fragments.append((time.time() - t0, name, buf.decode(errors="replace")))
+            fragments.extend((now, name, p.decode(errors="replace")) for p in re.split(rb"[\r\n]", chunk)
+                             if p.strip())
 
     threads = [threading.Thread(target=reader, args=(s, n), daemon=True)
                for s, n in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
@@ -275,6 +273,12 @@ def phases(fragments: list, cpu_samples: list) -> dict:
     if rounds and "rounds" in last and "writing" in first:
         out["after_last_round_to_export_start_s"] = round(first["writing"] - round_done.get(len(rounds), 0), 1)
     out["writing_protected_cases_s"] = _span(first, last, "writing")
+    end = cpu_samples[-1][0] if cpu_samples else None
+    if "writing" in first and end is not None:  # export: writing, checking and reporting, until the process ends
+        out["export_start_to_exit_s"] = round(end - first["writing"], 1)
+        out["export_start_to_exit_cpu_s"] = cpu(first["writing"], end)
+    if cpu_samples:
+        out["total_cpu_s"] = round(cpu_samples[-1][1], 1)
     out["optimisation_started_at_s"] = None if start is None else round(round_done.get(0, first.get("rounds")), 1)
     return out
 
@@ -353,18 +357,27 @@ def resampler_probe(geometry: dict, impl: str, repeats: int) -> dict:
             "setup_s": round(build_s, 3), "output_norm": out_norm, "grad_norm": grad_norm}
 
 
+ALLOCATORS = {  # glibc's default keeps freed buffers in the heap (RSS then counts them); a fixed 1 MiB mmap
+    "glibc default": {},  # threshold returns every freed buffer, so RSS follows the live tensors
+    "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)},
+}
+
+
 def run_probes(preprocessed: Path, impls: list[str], repeats: int, env: dict) -> list[dict]:
     results = []
     for g in geometries(preprocessed):
-        for impl in impls:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", json.dumps(g), "--probe-impl", impl,
-                   "--repeats", str(repeats)]
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                results.append({"impl": impl, "case": g["case"], "error": p.stderr[-2000:]})
-            else:
-                results.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "error"})[:400], flush=True)
+        for allocator, extra in ALLOCATORS.items():
+            for impl in impls:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", json.dumps(g), "--probe-impl", impl,
+                       "--repeats", str(repeats)]
+                p = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
+                if p.returncode != 0:
+                    results.append({"impl": impl, "case": g["case"], "error": p.stderr[-2000:]})
+                else:
+                    results.append(json.loads(p.stdout.strip().splitlines()[-1]))
+                results[-1]["allocator"] = allocator
+                print(json.dumps({k: v for k, v in results[-1].items() if k not in ("error", "geometry")}),
+                      flush=True)
     return results
 
 
@@ -436,6 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repetitions of the resampler forward + backward [3]")
     p.add_argument("--probe-impls", default="current,dense", help="resampler variants to time [current,dense]")
     p.add_argument("--skip-protect", action="store_true", help="dataset, planning and resampler timing only")
+    p.add_argument("--protect-args", default="", help="more flags for the protect command, given as --protect-args='--probe-every 0'")
     p.add_argument("--tag", default="", help="suffix of the result file name, e.g. before / after")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
@@ -458,6 +472,7 @@ def main(argv=None) -> int:
         d.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{k: str(v) for k, v in dirs.items()}}
     env.pop("nnUNet_n_proc_DA", None)
+    env["PYTHONUNBUFFERED"] = "1"  # progress bars reach the pipe when written, so their timestamps are right
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     record = {"date": started.isoformat(timespec="seconds"), "tag": args.tag,
               "script": "python benchmarks/ct_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -486,7 +501,7 @@ def main(argv=None) -> int:
         if not args.skip_protect:
             penv = {**env, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2"}
             cmd = ["nnUNetv2_voxshield_protect", "-d", str(args.id), "-device", "cpu", "--rounds", str(args.rounds),
-                   "--surrogate-iters", str(args.surrogate_iters), "--roi", "all"]
+                   "--surrogate-iters", str(args.surrogate_iters), "--roi", "all", *args.protect_args.split()]
             shim = needs_continue_training_shim()
             if shim:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--protect-shim", *cmd[1:]]

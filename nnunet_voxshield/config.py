@@ -6,9 +6,12 @@ a field is only ever added with a default that reproduces the old behaviour.
 """
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("voxshield", "random", "classwise")
+METHODS = ("voxshield", "random", "classwise", "codes", "presence", "targeted")
 """voxshield: the paper's bilevel objective; random: uniform noise of the same budget and ROI;
-classwise: one fixed +-eps texture per label, shared by every case."""
+classwise: one fixed +-eps random texture per label, shared by every case, drawn on the cropped grid;
+codes: one +-eps square-wave grating per label (its own direction and period) drawn on nnU-Net's preprocessed grid;
+presence: one grating for all foreground;
+targeted: adversarial poisoning, pushing a clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels."""
 
 DEFAULT_EPS = 4 / 255
 """The paper's budget, a fraction of a +-5 sigma window (0.157 z-score units)."""
@@ -23,6 +26,10 @@ ROI = "label"
 MIN_SURVIVAL = 0.9
 """Per-case correlation between the perturbation nnU-Net's preprocessing sees in the written files and the optimised
 one, below which protect refuses to release and check fails."""
+PROBE_EVERY = 10
+"""Rounds between fresh-network probes (method.probe); the last round is always probed."""
+PROBE_ITERS = 250
+"""Training iterations of a probe network: past nnU-Net's "predict background" phase on small datasets."""
 
 
 @dataclass
@@ -60,11 +67,13 @@ class ProtectSettings:
     num_gpus: int = 1              # -num_gpus: processes of the bilevel loop (DDP), one GPU each on CUDA
     min_survival: float = MIN_SURVIVAL
     accept_low_survival: bool = False  # release even when a case's survival is below min_survival
+    probe_every: int = PROBE_EVERY     # rounds between fresh-network probes (and after the last round); 0: none
+    probe_iters: int = PROBE_ITERS     # training iterations of each fresh network
 
     def optimisation_key(self) -> dict:
         """The settings that define the optimised perturbations (a resumed run must match them)."""
         d = asdict(self)
         for k in ("dataset", "output_id", "device", "overwrite", "resume_only", "num_processes", "num_gpus",
-                  "min_survival", "accept_low_survival"):
+                  "min_survival", "accept_low_survival", "probe_every", "probe_iters"):
             d.pop(k)
         return d

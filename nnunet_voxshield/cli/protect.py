@@ -3,7 +3,8 @@ import argparse
 import os
 
 from nnunet_voxshield.cli.common import add_device, budget, cli_errors, protected_id
-from nnunet_voxshield.config import LAMBDA_S, LAMBDA_Z, METHODS, MIN_SURVIVAL, ROI, ProtectSettings, Schedule
+from nnunet_voxshield.config import (LAMBDA_S, LAMBDA_Z, METHODS, MIN_SURVIVAL, PROBE_EVERY, PROBE_ITERS, ROI,
+                                     ProtectSettings, Schedule)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eot", action="store_true", help="optimise without random augmentations (the paper's setting)")
     p.add_argument("--stop-ratio", type=float, default=d.stop_ratio,
                    help="stop early once surrogate cross-entropy on x+delta / on clean x falls below this [0: never]")
+    p.add_argument("--probe-every", type=int, default=PROBE_EVERY,
+                   help=f"rounds between fresh-network probes, and after the last round; 0: none [{PROBE_EVERY}]")
+    p.add_argument("--probe-iters", type=int, default=PROBE_ITERS,
+                   help=f"training iterations of each fresh probe network [{PROBE_ITERS}]")
     p.add_argument("--warm-start", default=None, help="nnU-Net checkpoint (.pth) to initialise the surrogate from")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output [0]")
     p.add_argument("--continue", dest="resume_only", action="store_true",
@@ -67,7 +72,8 @@ def main(argv=None):
         schedule=Schedule(rounds=a.rounds, surrogate_iters=a.surrogate_iters, noise_steps=a.noise_steps,
                           step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio),
         seed=a.seed, warm_start=a.warm_start, overwrite=a.overwrite, resume_only=a.resume_only, num_processes=a.np,
-        num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival)
+        num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival,
+        probe_every=a.probe_every, probe_iters=a.probe_iters)
     folder = protect(settings)
     if folder is not None:  # None: another rank of a torchrun group wrote it
         print(f"voxshield: wrote {folder}")

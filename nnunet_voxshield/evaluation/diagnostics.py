@@ -14,35 +14,17 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from nnunet_voxshield.job.atomic import save_json
+from nnunet_voxshield.nnunet.scoring import case_predictor, cases_dice
 
 ENV = "VOXSHIELD_DIAGNOSTICS"
 CURVES = "voxshield_curves.json"
-
-
-def dice_per_label(prediction: np.ndarray, reference: np.ndarray, labels) -> dict:
-    """Dice of each label (None where it is absent from both)."""
-    out = {}
-    for label in labels:
-        p, r = prediction == label, reference == label
-        denominator = int(p.sum() + r.sum())
-        out[int(label)] = None if denominator == 0 else float(2 * (p & r).sum() / denominator)
-    return out
-
-
-def mean_dice(per_case: list[dict]) -> float | None:
-    values = [v for case in per_case for v in case.values() if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 class Diagnostics:
     """What one victim measures on itself; built from the VOXSHIELD_DIAGNOSTICS file at the start of training."""
 
     def __init__(self, trainer, spec: dict):
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         self.every = int(spec.get("every", 0)) or max(1, trainer.num_epochs // 10)
         self.labels = trainer.label_manager.foreground_labels
         preprocessor = trainer.configuration_manager.preprocessor_class(verbose=False)
@@ -51,11 +33,8 @@ class Diagnostics:
                         for c in spec["heldout"]]  # clean scans, preprocessed with the victim's own plans
         train_set = trainer.get_tr_and_val_datasets()[0]
         self.train = [train_set.load_case(i)[:2] for i in sorted(train_set.identifiers)[:int(spec.get("train_cases", 4))]]
-        self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                         perform_everything_on_device=False, device=trainer.device, verbose=False,
-                                         allow_tqdm=False)
-        self.predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
-                                             None, trainer.dataset_json, type(trainer).__name__, None)
+        self.predictor = case_predictor(trainer.network, trainer.plans_manager, trainer.configuration_manager,
+                                        trainer.dataset_json, type(trainer).__name__, trainer.device)
         self.file = Path(trainer.output_folder) / CURVES
         self.curve = []
 
@@ -67,23 +46,16 @@ class Diagnostics:
     def due(self, epochs_done: int, num_epochs: int) -> bool:
         return epochs_done % self.every == 0 or epochs_done == num_epochs
 
-    def _dice(self, cases) -> list[dict]:
-        out = []
-        for data, seg in cases:
-            logits = self.predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data)))
-            out.append(dice_per_label(logits.argmax(0).cpu().numpy(), np.asarray(seg)[0], self.labels))
-        return out
-
     def record(self, trainer, epochs_done: int) -> None:
         trainer.set_deep_supervision_enabled(False)
         trainer.network.eval()
-        with torch.no_grad():
-            train, heldout = self._dice(self.train), self._dice(self.heldout)
+        train, heldout = cases_dice(self.predictor, self.train, self.labels), \
+            cases_dice(self.predictor, self.heldout, self.labels)
         trainer.network.train()
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
         self.curve.append({"epoch": epochs_done, "iterations": epochs_done * trainer.num_iterations_per_epoch,
                            "train_loss": float(trainer.logger.get_value("train_losses", step=-1)),
-                           "dice_own_training_cases": mean_dice(train), "dice_clean_heldout": mean_dice(heldout)})
+                           "dice_own_training_cases": train, "dice_clean_heldout": heldout})
         save_json({"trainer": type(trainer).__name__, "curve": self.curve}, self.file)
 
 

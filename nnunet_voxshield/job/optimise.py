@@ -1,5 +1,6 @@
 """The optimisation of one protection run: baselines directly, VoxShield through the resumable, distributed bilevel
 loop with nnU-Net's own surrogate trainer."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,19 @@ from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.job.atomic import save_npy
 from nnunet_voxshield.job.cases import PreparedCase
 from nnunet_voxshield.job.run_state import RunState
-from nnunet_voxshield.method.baselines import classwise_delta, label_textures, uniform_delta
+from nnunet_voxshield.method.baselines import (classwise_delta, code_delta, grating_code, label_gratings,
+                                                label_textures, uniform_delta)
 from nnunet_voxshield.method.bilevel import Bilevel, CaseState, reseed
+from nnunet_voxshield.method.probe import FreshProbe
 from nnunet_voxshield.method.eot import EOTAugment
-from nnunet_voxshield.method.objectives import VoxShieldObjective
+from nnunet_voxshield.method.objectives import TargetedObjective, VoxShieldObjective, cyclic_shift
 from nnunet_voxshield.nnunet import distributed
 from nnunet_voxshield.nnunet.bridge import resampler
 from nnunet_voxshield.nnunet.env import require_env
 from nnunet_voxshield.nnunet.source import Source
-from nnunet_voxshield.nnunet.surrogate import nnUNetTrainerVoxShieldSurrogate
+from nnunet_voxshield.nnunet.surrogate import PerturbedDataset, nnUNetTrainerVoxShieldSurrogate
+
+PROBE_STREAM = 3  # after bilevel's SURROGATE, NOISE and PROBE streams
 
 
 def surrogate_folder(src: Source) -> Path:
@@ -42,19 +47,39 @@ def build_trainer(src: Source, s: ProtectSettings, device: torch.device, run_fol
     return trainer
 
 
+def baseline_deltas(src: Source, cases: list[PreparedCase], s: ProtectSettings) -> dict | None:
+    """The perturbations of the methods that need no optimisation; None for the optimised ones."""
+    foreground = src.plans_manager.get_label_manager(src.dataset_json).foreground_labels
+    if s.method == "classwise":
+        textures = label_textures(foreground, len(cases[0].eps_norm), s.seed)
+        return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures, c.grid.headroom) for c in cases}
+    if s.method in ("codes", "presence"):
+        gratings = label_gratings(foreground, s.seed, presence=s.method == "presence")
+        clean = src.preprocessed_dataset()
+        return {c.identifier: code_delta(grating_code(np.asarray(clean.load_case(c.identifier)[1])[0], gratings),
+                                         resampler(c.grid), c.eps_norm, c.mask, c.grid.headroom) for c in cases}
+    if s.method == "random":
+        return initial_deltas(cases, s.seed)
+    return None
+
+
+def initial_deltas(cases: list[PreparedCase], seed: int) -> dict:
+    """Uniform noise in the budget: the random baseline, and the paper's starting point of the bilevel loop."""
+    rng = np.random.default_rng(seed)
+    return {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}
+
+
 def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
              device: torch.device) -> tuple[dict, list, Path | None]:
     """Run, resume or reuse the optimisation; return the final deltas (cropped grid, normalised), the history and
     the run's folder (None for the baselines, which keep no state)."""
-    if s.method == "classwise":
-        textures = label_textures(src.plans_manager.get_label_manager(src.dataset_json).foreground_labels,
-                                  len(cases[0].eps_norm), s.seed)
-        return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures, c.grid.headroom)
-                for c in cases}, [], None
-    rng = np.random.default_rng(s.seed)
-    deltas = {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}
-    if s.method == "random":
-        return deltas, [], None
+    baseline = baseline_deltas(src, cases, s)
+    if baseline is not None:
+        return baseline, [], None
+    deltas = initial_deltas(cases, s.seed)
+    if s.method == "targeted" and not s.warm_start:
+        raise VoxShieldError("--method targeted pushes a clean-trained nnU-Net toward other labels: pass its "
+                             "checkpoint with --warm-start (e.g. .../fold_0/checkpoint_final.pth of the same plans)")
     lead = distributed.rank() == 0
     if lead:
         state = RunState.for_settings(surrogate_folder(src), s.optimisation_key())
@@ -76,6 +101,24 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
         return state.deltas(), state.history, state.folder
     deltas, history = run_bilevel(src, cases, s, device, deltas, state.folder)
     return deltas, history, state.folder
+
+
+def objective(s: ProtectSettings, trainer):
+    """The paper's objective, or the targeted poisoning loss toward a cyclic shift of the labels."""
+    if s.method == "targeted":
+        return TargetedObjective(trainer.loss, cyclic_shift(len(trainer.label_manager.foreground_labels)))
+    return VoxShieldObjective(trainer.loss, s.lambda_z, s.lambda_s)
+
+
+def schedule_of(s: ProtectSettings):
+    """Targeted poisoning attacks a fixed clean network: its surrogate never trains."""
+    return replace(s.schedule, surrogate_iters=0) if s.method == "targeted" else s.schedule
+
+
+def _probe_dataset(src: Source, trainer, identifiers, perturbed: bool):
+    """Clean preprocessed cases, or the same with the current perturbations added (what the surrogate trains on)."""
+    clean = src.preprocessed_dataset(identifiers)
+    return PerturbedDataset(clean, trainer.perturbation_folder) if perturbed else clean
 
 
 def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, device: torch.device,
@@ -104,22 +147,26 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
 
     generator = torch.Generator()
     rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    loop = Bilevel(trainer, src.preprocessed_dataset(), states,
-                   VoxShieldObjective(trainer.loss, s.lambda_z, s.lambda_s), s.schedule,
+    loop = Bilevel(trainer, src.preprocessed_dataset(), states, objective(s, trainer), schedule_of(s),
                    EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator, s.seed)
     for case in states:
         publish(case, loop.perturbed_inputs(case))
     distributed.barrier()
     trainer.on_train_start()
     lead = distributed.rank() == 0
+    probe = FreshProbe(trainer, lambda ids, perturbed: _probe_dataset(src, trainer, ids, perturbed),
+                       s.probe_iters) if lead and s.probe_every > 0 else None
     bar = tqdm(range(state.rounds_done, s.schedule.rounds), desc="VoxShield rounds", initial=state.rounds_done,
                total=s.schedule.rounds, disable=not lead)
     for r in bar:
         record = loop.run_round(r, publish)
         distributed.check_in_sync(trainer.plain_network)
-        history.append(record)
-        bar.set_postfix(ratio=f"{record['ratio']:.3f}", seg=f"{record.get('seg', float('nan')):.3f}")
         done = r + 1 == s.schedule.rounds or record["ratio"] < s.schedule.stop_ratio
+        if probe is not None and ((r + 1) % s.probe_every == 0 or done):
+            record.update(probe.measure(reseed(s.seed, r, PROBE_STREAM)))
+        history.append(record)
+        probed = [h["probe_ratio"] for h in history if h.get("probe_ratio") is not None]
+        bar.set_postfix(probe=f"{probed[-1]:.2f}" if probed else "-", ce_ratio=f"{record['ratio']:.3f}")
         own = {c.identifier: c.delta.cpu() for c in states}
         shards = distributed.gather_to_lead(own)
         deltas = own if shards is None else {k: v for shard in shards for k, v in shard.items()}

@@ -12,6 +12,12 @@ import torch
 from nnunet_voxshield.method.budget import project
 
 TILE = 4  # voxels per period along each axis
+GRATING_DIRECTIONS = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+"""Along the axes only: nnU-Net's mirroring turns a diagonal grating into another direction, an axial one into
+itself (shifted)."""
+GRATING_PERIODS = (4.0, 8.0)
+"""Voxels of the preprocessed grid; apart by more than nnU-Net's scaling range (0.7-1.4), so that scaling never turns
+one period into the other."""
 
 
 def uniform_delta(eps: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
@@ -48,6 +54,53 @@ def classwise_delta(labels: np.ndarray, mask: np.ndarray, eps: np.ndarray, textu
         delta[:, where] = tiled[:, where] * np.asarray(eps, dtype=np.float32)[:, None]
     bound = torch.from_numpy(np.asarray(eps, dtype=np.float32))
     return project(torch.from_numpy(delta), bound, torch.from_numpy(mask), _tensor(headroom))
+
+
+def label_gratings(labels: list[int], seed: int, presence: bool = False) -> dict[int, tuple]:
+    """label -> (unit direction, period, phase) of a square-wave grating on nnU-Net's preprocessed grid.
+
+    Each label gets its own direction and period, so a small filter tells them apart whatever the patch position,
+    and a square wave spends the whole L-inf budget at every voxel. With `presence`, every label gets label 1's code:
+    one code that only says "foreground here".
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, label in enumerate(labels):
+        direction = np.asarray(GRATING_DIRECTIONS[i % len(GRATING_DIRECTIONS)], dtype=np.float64)
+        period = GRATING_PERIODS[(i // len(GRATING_DIRECTIONS)) % len(GRATING_PERIODS)]
+        out[label] = (direction, period, float(rng.uniform(0, 2 * np.pi)))
+    return {label: out[labels[0]] for label in labels} if presence else out
+
+
+def grating_code(labels_preprocessed: np.ndarray, gratings: dict) -> np.ndarray:
+    """+-1 where a label's grating is on (by its sign), 0 on background: the code on the preprocessed grid."""
+    coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in labels_preprocessed.shape],
+                                  indexing="ij"))
+    code = np.zeros(labels_preprocessed.shape, dtype=np.float32)
+    for label, (direction, period, phase) in gratings.items():
+        where = labels_preprocessed == label
+        wave = np.cos(2 * np.pi * np.tensordot(direction, coords, axes=1) / period + phase)
+        code[where] = np.where(wave[where] >= 0, 1.0, -1.0)
+    return code
+
+
+def pull_back(code: np.ndarray, resample) -> np.ndarray:
+    """The cropped-grid pattern whose resampling is closest (least squares, axis by axis) to `code` on the
+    preprocessed grid; `code` itself when nnU-Net does not resample the case."""
+    out = np.asarray(code, dtype=np.float64)
+    for axis, matrix in enumerate(resample.matrices(torch.float64)):
+        if matrix is not None:
+            out = np.moveaxis(np.tensordot(np.linalg.pinv(matrix.numpy()), np.moveaxis(out, axis, 0), axes=1), 0, axis)
+    return out
+
+
+def code_delta(code_preprocessed: np.ndarray, resample, eps: np.ndarray, mask: np.ndarray,
+               headroom: np.ndarray | None = None) -> torch.Tensor:
+    """delta [C, *mask.shape] on the cropped grid: eps_c times the pulled-back code, projected to the budget, the
+    region and the clip window."""
+    bound = torch.from_numpy(np.asarray(eps, dtype=np.float32))
+    pattern = torch.from_numpy(pull_back(code_preprocessed, resample).astype(np.float32))
+    return project(bound.view(-1, 1, 1, 1) * pattern[None], bound, torch.from_numpy(mask), _tensor(headroom))
 
 
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:

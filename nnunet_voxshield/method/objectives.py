@@ -125,3 +125,27 @@ def select_slice_axis(spacing_reader_order: Sequence[float], transpose_forward: 
     else:
         reader_axis = spacing.index(max(spacing))
     return [int(a) for a in transpose_forward].index(reader_axis)
+
+
+class TargetedObjective:
+    """Adversarial poisoning (Fowl et al., NeurIPS 2021): minimise the segmentation loss toward a fixed permutation of
+    the labels, so the perturbation carries the features a clean-trained network reads as the *other* label. A victim
+    trained on it learns those features for the true label and misreads clean scans.
+
+    `permutation[k]` is the target of label k (background maps to itself by default)."""
+
+    def __init__(self, seg_loss, permutation):
+        self.seg_loss = seg_loss
+        self.permutation = torch.as_tensor(list(permutation), dtype=torch.long)
+        self.lambda_s = 0.0  # the loop needs no clean logits
+
+    def __call__(self, logits_adv: Logits, target, delta: torch.Tensor, slice_axis: int,
+                 logits_clean: Optional[Logits] = None) -> Tuple[torch.Tensor, dict]:
+        permuted = self.permutation.to(target.device)[target.long()].to(target.dtype)
+        seg = self.seg_loss(logits_adv, permuted)
+        return seg, {"seg": seg.item(), "zdiv": float("nan"), "spd": float("nan")}
+
+
+def cyclic_shift(n_foreground: int) -> list[int]:
+    """Label permutation 0 -> 0, k -> k + 1 (the last foreground label -> 1): every structure becomes another."""
+    return [0, *[(k % n_foreground) + 1 for k in range(1, n_foreground + 1)]]

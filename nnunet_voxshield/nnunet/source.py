@@ -28,10 +28,10 @@ class Source:
     def identifiers(self) -> list[str]:
         return sorted(self.files)
 
-    def preprocessed_dataset(self):
-        """nnU-Net's own dataset object over the preprocessed (clean) training cases."""
+    def preprocessed_dataset(self, identifiers: list[str] | None = None):
+        """nnU-Net's own dataset object over the preprocessed (clean) training cases (or the given ones)."""
         folder = self.preprocessed / self.configuration_manager.data_identifier
-        return infer_dataset_class(str(folder))(str(folder), self.identifiers)
+        return infer_dataset_class(str(folder))(str(folder), identifiers or self.identifiers)
 
 
 def load_source(dataset, configuration: str = "3d_fullres", plans: str = "nnUNetPlans") -> Source:

@@ -39,6 +39,8 @@ def validate(s: ProtectSettings) -> None:
         check_slice_axis(s.slice_axis, "--slice-axis")
     if s.num_gpus < 1:
         raise VoxShieldError(f"-num_gpus must be >= 1; got {s.num_gpus}")
+    if s.probe_every < 0 or s.probe_iters < 1:
+        raise VoxShieldError("--probe-every must be >= 0 (0: no probe) and --probe-iters >= 1")
 
 
 def validate_num_gpus(s: ProtectSettings, src: Source) -> None:
@@ -88,6 +90,7 @@ def _protect(s: ProtectSettings) -> Path | None:
     run_info = {"settings": {**asdict(s), "schedule": asdict(s.schedule)},
                 "work_folder": None if run_folder is None else str(run_folder),
                 "run_fingerprint": key, "versions": versions(), "history": history,
+                "probe": next((h for h in reversed(history) if "probe_ratio" in h), None),
                 "timings_s": {"optimisation": round(t1 - t0, 1)}}
     return export_dataset(src, out, cases, deltas, run_info)
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow  # real nnU-Net planning and training
 
 SRC = 981
 NAME = f"Dataset{SRC}_Tiny"
-FAST = ["-device", "cpu", "--rounds", "1", "--surrogate-iters", "1"]
+FAST = ["-device", "cpu", "--rounds", "1", "--surrogate-iters", "1", "--probe-every", "0"]
 PROGRESS_BAR = re.compile(r"\d+%\|.*\|.*\]\s*$")
 IMAGE, LABEL = "imagesTr/tiny_000_0000.nii.gz", "labelsTr/tiny_000.nii.gz"
 DiskUsage = namedtuple("DiskUsage", "total used free")

@@ -19,7 +19,7 @@ from synthetic import make_raw_dataset, tree_hash
 pytestmark = pytest.mark.slow  # real nnU-Net planning and training
 
 SRC, OUT = 991, 691
-FAST = ["-device", "cpu", "--rounds", "2", "--surrogate-iters", "2"]
+FAST = ["-device", "cpu", "--rounds", "2", "--surrogate-iters", "2", "--probe-every", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +34,15 @@ def planned(nnunet_module_dirs):
 def test_protect_check_and_stock_victim(planned):
     src = planned["nnUNet_raw"] / f"Dataset{SRC}_Tiny"
     before = tree_hash(src)
-    assert protect_cli.main(["-d", str(SRC), "-o", str(OUT), *FAST]) == 0
+    assert protect_cli.main(["-d", str(SRC), "-o", str(OUT), *FAST, "--probe-every", "1", "--probe-iters", "3"]) == 0
     assert tree_hash(src) == before, "the source dataset must never be modified"
     out = planned["nnUNet_raw"] / f"Dataset{OUT}_TinyVoxShield"
     report = json.loads((out / "voxshield.json").read_text())
     assert len(report["history"]) == 2
+    for record in report["history"]:  # a fresh network trained on x + delta, scored on a clean held-out case
+        assert record["probe_iterations"] == 3 and record["probe_heldout_cases"] == ["tiny_003"]
+        assert 0 <= record["probe_dice_clean_heldout"] <= 1 and 0 <= record["probe_dice_clean_trained"] <= 1
+    assert report["probe"] == report["history"][-1]
     assert report["summary"]["max_budget_fraction"] <= 1
     assert report["summary"]["min_survival_corr"] > 0.9
     assert (out / "voxshield_preview.png").stat().st_size > 10_000
@@ -81,7 +85,7 @@ def test_resume_after_kill(planned):
     ends, and the result passes check."""
     results = planned["nnUNet_results"] / f"Dataset{SRC}_Tiny"
     args = [sys.executable, "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "692", "-device", "cpu",
-            "--rounds", "3", "--surrogate-iters", "2", "--seed", "1", "--overwrite"]
+            "--rounds", "3", "--surrogate-iters", "2", "--seed", "1", "--probe-every", "0", "--overwrite"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -115,7 +119,8 @@ def test_resume_after_kill(planned):
 def _optimised(planned, args) -> dict:
     """Protect with `args` from scratch (--overwrite); return the run's final deltas from its committed state."""
     from nnunet_voxshield.job.run_state import RunState
-    assert protect_cli.main(["-d", str(SRC), "-device", "cpu", "--rounds", "2", "--overwrite", *args]) == 0
+    assert protect_cli.main(["-d", str(SRC), "-device", "cpu", "--rounds", "2", "--probe-every", "0", "--overwrite",
+                             *args]) == 0
     out = next(planned["nnUNet_raw"].glob(f"Dataset{args[args.index('-o') + 1]}_*"))
     return RunState(json.loads((out / "voxshield.json").read_text())["work_folder"]).deltas()
 
@@ -130,16 +135,31 @@ def test_runs_of_other_settings_coexist_and_same_settings_reuse(planned, capsys)
     assert len(folders) == 2 and all((Path(f) / "voxshield_run.json").is_file() for f in folders)
     assert any(float((a[k] - b[k]).abs().max()) > 0 for k in a)
     capsys.readouterr()
-    assert protect_cli.main(["-d", str(SRC), "-o", "699", "-device", "cpu", "--rounds", "2", "--seed", "7",
+    assert protect_cli.main(["-d", str(SRC), "-o", "699", "-device", "cpu", "--rounds", "2", "--probe-every", "0",
+                             "--seed", "7",
                              "--surrogate-iters", "1"]) == 0
     assert "reusing the finished run" in capsys.readouterr().out
     assert check_cli.main(["-d", str(SRC), "-pd", "699"]) == 0
 
 
+def test_targeted_poisoning_attacks_a_fixed_clean_network(planned, capsys):
+    """--method targeted needs a clean network (--warm-start), never trains it, and writes a checked dataset."""
+    with pytest.raises(SystemExit):
+        protect_cli.main(["-d", str(SRC), "-o", "688", *FAST, "--method", "targeted"])
+    assert "--warm-start" in capsys.readouterr().err
+    clean = Path(json.loads((planned["nnUNet_raw"] / f"Dataset{OUT}_TinyVoxShield" / "voxshield.json").read_text())
+                 ["work_folder"]) / "checkpoint_final.pth"
+    assert protect_cli.main(["-d", str(SRC), "-o", "688", *FAST, "--method", "targeted", "--warm-start",
+                             str(clean)]) == 0
+    history = json.loads((planned["nnUNet_raw"] / "Dataset688_TinyVoxShield" / "voxshield.json").read_text())["history"]
+    assert len(history) == 2 and all(np.isnan(h["surrogate_train_loss"]) for h in history)
+    assert check_cli.main(["-d", str(SRC), "-pd", "688"]) == 0
+
+
 def test_augmentation_workers_die_with_a_killed_protect(planned):
     """kill -9 of protect (what the out-of-memory killer does) must not leave nnU-Net's augmentation workers behind."""
     args = [sys.executable, "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "690", "-device", "cpu",
-            "--rounds", "50", "--surrogate-iters", "2", "--seed", "5", "--overwrite"]
+            "--rounds", "50", "--surrogate-iters", "2", "--seed", "5", "--probe-every", "0", "--overwrite"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "nnUNet_n_proc_DA": "2"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers, deadline = [], time.time() + 300
@@ -193,6 +213,7 @@ def test_torchrun_processes_form_one_group(planned):
     """Under torchrun (the launcher for several nodes) each process runs the command; one dataset is written."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "696", "-device", "cpu", "--rounds", "1",
+            "--probe-every", "0",
             "--surrogate-iters", "1", "--overwrite"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)

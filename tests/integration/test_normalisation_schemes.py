@@ -17,7 +17,7 @@ from synthetic import make_raw_dataset
 
 pytestmark = pytest.mark.slow  # real nnU-Net planning and preprocessing
 
-FAST = ["-device", "cpu", "--rounds", "1", "--surrogate-iters", "1"]
+FAST = ["-device", "cpu", "--rounds", "1", "--surrogate-iters", "1", "--probe-every", "0"]
 CT, MULTI, MASKED = 981, 982, 983
 
 

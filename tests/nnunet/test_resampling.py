@@ -4,7 +4,7 @@ import pytest
 import torch
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
 
-from nnunet_voxshield.nnunet.resampling import Resampler
+from nnunet_voxshield.nnunet.resampling import BAND_TOL, BandedMatrix, Resampler, slice_axis_matrix, spline_matrix
 
 PLANS_KWARGS = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}  # nnU-Net's default plans
 
@@ -100,3 +100,76 @@ def test_gradcheck(name):
     r = Resampler(small, new_shape, sp_in, sp_out, PLANS_KWARGS)
     x = torch.randn(1, *small, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(r, (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+# ---- the banded operator -------------------------------------------------------------------------------------------
+# CT-sized in-plane axes (512 at 0.7 / 0.8 mm resampled to 0.75 mm) and a slice axis, each along a first, middle and
+# last tensor axis (the three code paths of BandedMatrix.apply)
+AXES = [("spline", 512, 546), ("spline", 512, 478), ("slice", 60, 75), ("slice", 60, 48)]
+LAYOUTS = [((-1, 3), 0), ((2, -1, 5), 1), ((3, -1), 1)]  # shape with -1 at the resampled axis, that axis
+
+
+def _dense(kind, n_in, n_out):
+    return spline_matrix(n_in, n_out, 3) if kind == "spline" else slice_axis_matrix(n_in, n_out, 0)
+
+
+@pytest.mark.parametrize("kind,n_in,n_out", AXES)
+def test_banded_matrix_equals_dense_to_float32_rounding(kind, n_in, n_out):
+    dense = _dense(kind, n_in, n_out)
+    banded = BandedMatrix(dense)
+    if kind == "spline":
+        assert banded.width <= 64 and banded.nbytes < dense.nbytes / 4  # narrow: cost ~ n_in, not n_in^2
+    else:
+        assert banded.width == 1  # nearest neighbour
+    assert np.abs(banded.to_dense() - dense).max() <= BAND_TOL * np.abs(dense).max()
+    rng = np.random.default_rng(n_out)
+    for shape, dim in LAYOUTS:
+        shape = tuple(n_in if s == -1 else s for s in shape)
+        x = rng.normal(0, 1, shape) * 100
+        ref = np.moveaxis(np.moveaxis(x, dim, -1) @ dense.T, -1, dim)  # float64, exact matrix
+        ours32 = banded.apply(torch.from_numpy(x).float(), dim).double().numpy()
+        ours64 = banded.apply(torch.from_numpy(x), dim).numpy()
+        scale = np.abs(x).max() * np.abs(dense).sum(axis=1).max()  # bound on any output's magnitude
+        assert ours32.shape == ref.shape
+        assert np.abs(ours32 - ref).max() <= 4 * np.finfo(np.float32).eps * scale
+        assert np.abs(ours64 - ref).max() <= 1e-11 * scale
+
+
+@pytest.mark.parametrize("kind,n_in,n_out", AXES)
+def test_banded_transpose_is_exact(kind, n_in, n_out):
+    banded = BandedMatrix(_dense(kind, n_in, n_out))
+    assert np.array_equal(banded.T.to_dense(), banded.to_dense().T)
+    assert banded.T.T is banded
+
+
+def test_banded_resampler_gradient_is_transposed_dense_matrices():
+    """autograd through the banded Resampler equals applying the transposed dense matrices to the output gradient."""
+    shape, sp_in, sp_out = (7, 512, 40), (5.0, 0.8, 0.8), (4.0, 0.75, 0.75)  # separate z along axis 0, 7 -> 9 slices
+    new_shape = tuple(int(s) for s in compute_new_shape(shape, sp_in, sp_out))
+    r = Resampler(shape, new_shape, sp_in, sp_out, PLANS_KWARGS)
+    assert r.do_separate_z and r.axis == 0 and all(m is not None for m in r.banded)
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(0, 1, (2, *shape))).requires_grad_(True)
+    g = rng.normal(0, 1, (2, *new_shape))
+    r(x).backward(torch.from_numpy(g))
+    ref = g
+    for a, m in enumerate(r.matrices(torch.float64)):
+        ref = np.moveaxis(np.moveaxis(ref, a + 1, -1) @ m.numpy(), -1, a + 1)  # (M^T applied) = g @ M
+    assert np.abs(x.grad.numpy() - ref).max() <= 1e-10 * np.abs(ref).max()
+
+    x32 = torch.from_numpy(rng.normal(0, 1, (1, *shape))).float().requires_grad_(True)
+    y32 = r(x32)
+    assert y32.dtype == torch.float32
+    y32.backward(torch.ones_like(y32))
+    ref32 = np.ones((1, *new_shape))
+    for a, m in enumerate(r.matrices(torch.float64)):
+        ref32 = np.moveaxis(np.moveaxis(ref32, a + 1, -1) @ m.numpy(), -1, a + 1)
+    assert np.abs(x32.grad.double().numpy() - ref32).max() <= 1e-5 * np.abs(ref32).max()
+
+
+def test_banded_resampler_is_twice_differentiable():
+    shape, sp_in, sp_out, _ = CASES["separate_z_down"]
+    new_shape = tuple(int(s) for s in compute_new_shape(shape, sp_in, sp_out))
+    r = Resampler(shape, new_shape, sp_in, sp_out, PLANS_KWARGS)
+    x = torch.randn(1, *shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: r(t) ** 2, (x,), eps=1e-6, atol=1e-6, fast_mode=True)

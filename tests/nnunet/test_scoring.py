@@ -1,7 +1,7 @@
-"""Dice arithmetic of the shortcut diagnostics."""
+"""Dice arithmetic of the shortcut diagnostics and the fresh-network probe."""
 import numpy as np
 
-from nnunet_voxshield.evaluation.diagnostics import dice_per_label, mean_dice
+from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice
 
 
 def test_dice_per_label_and_mean():

@@ -1,0 +1,147 @@
+"""How much of each protection survives each of nnU-Net's training transforms, as a correlation.
+
+For every protected dataset given, the perturbation a victim sees is measured the way a victim gets it: nnU-Net's own
+preprocessing of the protected files minus that of the clean files (d). Each transform T of stock nnU-Net's training
+pipeline (`nnUNetTrainer.get_training_transforms`) is then applied alone, with its probability forced to 1, to x + d
+and to x with the same random draw; survival is the correlation, over foreground voxels, between T(x + d) - T(x) and
+the code as it should read there: for intensity steps d itself; for spatial steps (rotation, scaling, mirroring) the
+method's own code drawn afresh, in its canonical orientation and scale, on the transformed labels, at the best of 8
+phases for each label (a convolutional victim does not care where a grating's stripes start, only about its
+direction and period), averaged over the labels by voxel count.
+So a grating that rotation turns into another direction, or scaling into another period, scores low: a filter tuned
+to the code would miss it. "stock pipeline" applies the whole pipeline with nnU-Net's probabilities. Only label codes (codes, presence)
+have a canonical form to compare with; for other methods spatial steps are not scored.
+
+    python benchmarks/code_survival.py -d 502 -pd 602 603 --draws 16
+"""
+import argparse
+import json
+import random
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROTATION = (-np.pi / 6, np.pi / 6)  # nnU-Net's rotation range for isotropic 3d_fullres patches
+MIRROR_AXES = (0, 1, 2)
+
+def transforms(trainer_cls, patch_size, rotation, mirror_axes):
+    """(name, transform with probability 1) for each step of stock nnU-Net's pipeline, plus the whole pipeline."""
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    pipeline = trainer_cls.get_training_transforms(patch_size, rotation, None, mirror_axes, False)
+    steps = []
+    for t in pipeline.transforms:
+        if isinstance(t, SpatialTransform):
+            for kind in ("rotation", "scaling"):
+                forced = SpatialTransform(patch_size, 0, False, p_elastic_deform=0, p_rotation=float(kind == "rotation"),
+                                          rotation=rotation, p_scaling=float(kind == "scaling"), scaling=(0.7, 1.4),
+                                          p_synchronize_scaling_across_axes=1, bg_style_seg_sampling=False,
+                                          border_mode_seg="constant", padding_value_seg=-1)
+                steps.append((kind, forced, True))
+        elif isinstance(t, RandomTransform):
+            inner = t.transform
+            name = type(inner).__name__.replace("Transform", "")
+            if name == "Gamma":
+                name += " (inverted)" if inner.p_invert_image else ""
+            steps.append((name, RandomTransform(inner, apply_probability=1.0), False))
+        elif type(t).__name__ == "MirrorTransform":
+            steps.append(("Mirror", t, True))
+    return steps + [("stock pipeline", pipeline, None)]
+
+
+def _apply(transform, image, seg, seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    out = transform(image=image.clone(), segmentation=seg.clone())
+    return out["image"], out["segmentation"]
+
+
+def survival(transform, spatial, x, d, seg, seed, code) -> float:
+    """corr over foreground of T(x + d) - T(x) with the code as it should read after T (see the module docstring);
+    `code(labels)` draws the method's canonical code on a label map, or is None."""
+    adv, seg_t = _apply(transform, x + d, seg, seed)
+    clean, _ = _apply(transform, x, seg, seed)
+    if spatial is False:
+        ref = d
+    elif code is None:
+        return float("nan")
+    else:
+        labels = seg_t[0].numpy()
+        codes = [torch.from_numpy(code(labels, shift))[None] for shift in np.arange(8) * np.pi / 4]
+        per_label = [(int((seg_t[0] == k).sum()), max(_corr(adv - clean, c, seg_t[0] == k) for c in codes))
+                     for k in np.unique(labels) if k > 0]
+        return float(sum(n * c for n, c in per_label) / sum(n for n, _ in per_label))
+    return _corr(adv - clean, ref, seg_t[0] > 0)
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
+    a, b = a[:, where].double().ravel(), b[:, where].double().ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float(a @ b / denom) if denom > 0 else float("nan")
+
+
+def shifted_code(gratings: dict):
+    """`code(labels, shift)`: the gratings drawn on `labels` with every phase moved by `shift`."""
+    from nnunet_voxshield.method.baselines import grating_code
+
+    def code(labels, shift):
+        return grating_code(labels, {k: (d, period, phase + shift) for k, (d, period, phase) in gratings.items()})
+    return code
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="clean source dataset")
+    p.add_argument("-pd", nargs="+", required=True, help="protected datasets written by nnUNetv2_voxshield_protect")
+    p.add_argument("--cases", type=int, default=3, help="training cases per dataset")
+    p.add_argument("--draws", type=int, default=16, help="random draws per transform and case")
+    p.add_argument("--out", default=str(HERE / "results" / "code_survival.json"))
+    a = p.parse_args(argv)
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_voxshield.method.baselines import label_gratings
+    from nnunet_voxshield.nnunet.bridge import preprocess_case
+    from nnunet_voxshield.nnunet.env import dataset_name
+    from nnunet_voxshield.nnunet.source import load_source
+
+    src = load_source(a.d)
+    foreground = src.plans_manager.get_label_manager(src.dataset_json).foreground_labels
+    cm, pm = src.configuration_manager, src.plans_manager
+    results = {}
+    for protected in a.pd:
+        name = dataset_name(protected)
+        report = json.loads((src.raw.parent / name / "voxshield.json").read_text())
+        method = report["settings"]["method"]
+        code = None
+        if method in ("codes", "presence"):
+            code = shifted_code(label_gratings(foreground, report["settings"]["seed"], presence=method == "presence"))
+        rows = {}
+        for case_index, identifier in enumerate(src.identifiers[:a.cases]):
+            files = src.files[identifier]
+            x, seg, _, _ = preprocess_case(files["images"], files["label"], pm, cm, src.dataset_json, identifier)
+            prot_files = [str(src.raw.parent / name / "imagesTr" / Path(f).name) for f in files["images"]]
+            xp = preprocess_case(prot_files, files["label"], pm, cm, src.dataset_json, identifier)[0]
+            x, d, seg = torch.from_numpy(x).float(), torch.from_numpy(xp - x).float(), torch.from_numpy(seg)
+            seg = seg.clamp(min=0).to(torch.int16)
+            for t_name, transform, spatial in transforms(nnUNetTrainer, tuple(x.shape[1:]), ROTATION, MIRROR_AXES):
+                values = [survival(transform, spatial, x, d, seg, 1000 * k + case_index, code)
+                          for k in range(a.draws)]
+                rows.setdefault(t_name, []).extend(values)
+        results[name] = {"method": method, "eps": report["settings"]["eps"],
+                         "survival": {k: float(np.nanmean(v)) for k, v in rows.items()}}
+        print(name, method, {k: round(v, 3) for k, v in results[name]["survival"].items()}, flush=True)
+    record = {"command": " ".join(["python", "benchmarks/code_survival.py", *(argv or sys.argv[1:])]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.name,
+              "cases": a.cases, "draws": a.draws, "results": results}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
