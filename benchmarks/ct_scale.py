@@ -16,13 +16,18 @@ folder unless --work is given):
    original implementation, kept here as the reference). Memory is the peak RSS (VmHWM, reset just before the call)
    above the RSS before it, with glibc's default allocator and with its mmap threshold fixed at 1 MiB (freed buffers
    then leave the process, so the peak is that of the live tensors).
-4. Runs `nnUNetv2_voxshield_protect -d <id> -device cpu --rounds R --surrogate-iters S --roi all` with
-   nnUNet_n_proc_DA=0 and nnUNet_def_n_proc=2 under `/usr/bin/time -v`, polls the resident memory of its process
-   tree every 0.5 s, and timestamps its progress bars (stderr) to split the run into phases: preparing cases, each
-   round (surrogate steps, then the noise pass over the cases) and the export. A run that exceeds --timeout is
-   stopped, and what it reached is recorded.
+4. Runs `nnUNetv2_voxshield_protect -d <id> -device cpu --rounds R --surrogate-iters S --roi all [--protect-args]`
+   with nnUNet_n_proc_DA=0 and nnUNet_def_n_proc=2 under `/usr/bin/time -v`, polls the memory (RSS and PSS) and CPU
+   time of its process tree every 0.5 s, and timestamps its progress bars (stderr) to split the run into phases:
+   preparing cases, each round (surrogate steps, then the noise pass over the cases) and the export. A run that
+   exceeds --timeout is stopped, and what it reached is recorded.
 
-The result is written to `--out/ct_scale_<date>[_<tag>].json`, with the commands, machine, load and versions.
+Every command runs the code of the tree this script lives in (its root goes first on PYTHONPATH), whatever copy of
+the plugin is installed; `resampling_module_used` records the file. The result is written to
+`--out/ct_scale_<date>[_<tag>].json`, with the commands, machine, load and versions. `--reparse RESULT WORK`
+recomputes a result's phases from the run's `WORK/protect.log`.
+
+    python benchmarks/ct_scale.py --tag after --protect-args='--probe-every 0'
 """
 import argparse
 import datetime
@@ -31,6 +36,7 @@ import os
 import pickle
 import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -50,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-# ---- the dataset ---------------------------------------------------------------------------------------------------
+# ---- the dataset -----------------------------------------------------------------------------------------------------
 def inplane_spacings(n_cases: int) -> list[float]:
     return [round(float(s), 3) for s in np.linspace(*INPLANE_MM, n_cases)]
 
@@ -114,7 +120,7 @@ def write_dataset(raw: Path, dataset_id: int, n_cases: int) -> dict:
     return {"folder": folder.name, "cases": cases}
 
 
-# ---- running a command and watching it ------------------------------------------------------------------------------
+# ---- running a command and watching it -------------------------------------------------------------------------------
 def _tree_memory(root_pid: int) -> tuple[int, int, list]:
     """Sums of VmRSS, of PSS (shared pages split between sharers) and of CPU seconds (user + system, including
     waited-for children) over root_pid and its descendants, and [(pid, rss MiB, pss MiB, command)], from /proc."""
@@ -200,7 +206,7 @@ def run_watched(cmd: list[str], env: dict, timeout: float, log: Path) -> dict:
     wall = time.time() - t0
     log.write_text("\n".join(f"{t:9.2f} {s} {x}" for t, s, x in fragments))
     gnu_time = _parse_time_v(timev.read_text()) if timev.is_file() else {}
-    return {"command": " ".join(cmd), "returncode": proc.returncode, "timed_out": timed_out, "timeout_s": timeout,
+    return {"command": shlex.join(cmd), "returncode": proc.returncode, "timed_out": timed_out, "timeout_s": timeout,
             "wall_s": round(wall, 1), "peak_tree_pss_mib": round(peak_pss / 2 ** 20, 1),
             "peak_tree_rss_sum_mib": round(peak_rss / 2 ** 20, 1),
             "at_peak_pss": {"t_s": peak_t, "processes_pid_rss_pss_mib_cmd": peak_procs},
@@ -224,16 +230,20 @@ def phases(fragments: list, cpu_samples: list) -> dict:
     """Phase boundaries from the protect run's tqdm bars: preparing, rounds (surrogate, noise), export.
 
     `*_s` are wall seconds; `*_cpu_s` the CPU seconds the process tree spent in the same interval (on a loaded
-    machine the wall time mostly measures the other processes; the CPU time does not)."""
+    machine the wall time mostly measures the other processes; the CPU time does not). A round ends when the rounds
+    bar counts it, after its checkpoint is saved; the loop leaves the last round before the bar counts it, so that
+    one ends at the bar's closing print."""
     def cpu_at(t):
         before = [c for s, c in cpu_samples if s <= t]
         return before[-1] if before else 0.0
 
     def cpu(t0, t1):
-        return None if t0 is None or t1 is None else round(cpu_at(t1) - cpu_at(t0), 1)
+        return None if t0 is None or t1 is None or not cpu_samples else round(cpu_at(t1) - cpu_at(t0), 1)
 
-    first, last = {}, {}
-    round_done = {}
+    def dt(t0, t1):
+        return None if t0 is None or t1 is None else round(t1 - t0, 1)
+
+    first, last, counted, noise_done, rounds_prints = {}, {}, {}, {}, []
     for t, stream, text in fragments:
         if stream != "stderr":
             continue
@@ -242,36 +252,37 @@ def phases(fragments: list, cpu_samples: list) -> dict:
             if re.search(pattern, text):
                 first.setdefault(key, t)
                 last[key] = t
+        if "VoxShield rounds" in text:
+            rounds_prints.append(t)
         m = re.search(r"round (\d+) noise", text)
         if m:
-            first.setdefault(f"noise{m.group(1)}", t)
-            last[f"noise{m.group(1)}"] = t
+            k = int(m.group(1))
+            first.setdefault(f"noise{k}", t)
+            last[f"noise{k}"] = t
+            if "100%" in text:
+                noise_done.setdefault(k, t)
         m = re.search(r"VoxShield rounds:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)", text)
         if m:
-            round_done.setdefault(int(m.group(1)), t)
-    out = {"preparing_cases_s": _span(first, last, "preparing")}
-    rounds = []
-    start = round_done.get(0, first.get("rounds"))
-    k = 1
-    while start is not None and k in round_done:
-        end = round_done[k]
-        noise_start = first.get(f"noise{k}")
-        rounds.append({"round": k, "wall_s": round(end - start, 1), "cpu_s": cpu(start, end),
-                       "surrogate_steps_s": None if noise_start is None else round(noise_start - start, 1),
-                       "surrogate_steps_cpu_s": cpu(start, noise_start),
-                       "noise_pass_and_publish_s": None if noise_start is None else round(end - noise_start, 1),
-                       "noise_pass_and_publish_cpu_s": cpu(noise_start, end)})
+            counted.setdefault(int(m.group(1)), t)
+    out = {"preparing_cases_s": _span(first, last, "preparing"),
+           "optimisation_started_at_s": None if "rounds" not in first else round(first["rounds"], 1)}
+    rounds, start, k = [], first.get("rounds"), 1
+    while start is not None and f"noise{k}" in first:
+        n0, n1 = first[f"noise{k}"], noise_done.get(k)
+        end = counted.get(k)
+        if end is None and n1 is not None:  # the last round: the bar's closing print, after the checkpoint
+            end = next((t for t in rounds_prints if t > n1 and t >= last["rounds"]), None)
+        record = {"round": k, "wall_s": dt(start, end), "cpu_s": cpu(start, end),
+                  "surrogate_steps_s": dt(start, n0), "surrogate_steps_cpu_s": cpu(start, n0),
+                  "noise_pass_s": dt(n0, n1), "noise_pass_cpu_s": cpu(n0, n1),
+                  "after_noise_pass_s": dt(n1, end)}  # the round's record and its checkpoint
+        if end is None:
+            record.update(unfinished=True, noise_pass_last_progress_s=dt(n0, last[f"noise{k}"]))
+            rounds.append(record)
+            break
+        rounds.append(record)
         start, k = end, k + 1
-    if start is not None and first.get(f"noise{k}") is not None:  # an unfinished round: how far it got
-        rounds.append({"round": k, "unfinished": True,
-                       "surrogate_steps_s": round(first[f"noise{k}"] - start, 1),
-                       "surrogate_steps_cpu_s": cpu(start, first[f"noise{k}"]),
-                       "noise_pass_last_progress_s": round(last[f"noise{k}"] - first[f"noise{k}"], 1)})
-    elif start is not None and not rounds:
-        rounds.append({"round": 1, "unfinished": True, "seconds_in_round_1_at_stop": None})
     out["rounds"] = rounds
-    if rounds and "rounds" in last and "writing" in first:
-        out["after_last_round_to_export_start_s"] = round(first["writing"] - round_done.get(len(rounds), 0), 1)
     out["writing_protected_cases_s"] = _span(first, last, "writing")
     end = cpu_samples[-1][0] if cpu_samples else None
     if "writing" in first and end is not None:  # export: writing, checking and reporting, until the process ends
@@ -279,8 +290,45 @@ def phases(fragments: list, cpu_samples: list) -> dict:
         out["export_start_to_exit_cpu_s"] = cpu(first["writing"], end)
     if cpu_samples:
         out["total_cpu_s"] = round(cpu_samples[-1][1], 1)
-    out["optimisation_started_at_s"] = None if start is None else round(round_done.get(0, first.get("rounds")), 1)
     return out
+
+
+def _thin(samples: list, every: float) -> list:
+    """(t, value) samples at least `every` seconds apart, and the last one."""
+    out = []
+    for t, v in samples:
+        if not out or t - out[-1][0] >= every:
+            out.append((round(t, 2), round(v, 2)))
+    if samples and out[-1][0] != round(samples[-1][0], 2):
+        out.append((round(samples[-1][0], 2), round(samples[-1][1], 2)))
+    return out
+
+
+def reparse(result: Path, log: Path) -> None:
+    """Recompute a result's protect phases from the run's protect.log (and its CPU samples, where recorded)."""
+    record = json.loads(result.read_text())
+    run = record["protect"]
+    fragments = []
+    for line in log.read_text(errors="replace").splitlines():
+        parts = line.split(" ", 2) if not line.startswith(" ") else line.strip().split(" ", 2)
+        if len(parts) == 3:
+            fragments.append((float(parts[0]), parts[1], parts[2]))
+    samples = run.get("cpu_s_samples") or []
+    new = phases(fragments, samples)
+    if not samples:  # CPU figures from the run itself, where its round boundaries were the same
+        old = run["phases"]
+        for r_new, r_old in zip(new["rounds"], old.get("rounds", [])):
+            if r_old.get("cpu_s") is not None and r_old.get("wall_s") == r_new.get("wall_s"):
+                r_new["cpu_s"] = r_old["cpu_s"]
+            if r_old.get("surrogate_steps_s") == r_new.get("surrogate_steps_s"):
+                r_new["surrogate_steps_cpu_s"] = r_old.get("surrogate_steps_cpu_s")
+        for key in ("export_start_to_exit_s", "export_start_to_exit_cpu_s", "total_cpu_s"):
+            if key in old:
+                new[key] = old[key]
+        new["note"] = ("recomputed from protect.log by --reparse; per-phase CPU seconds only where the run's own "
+                       "phase boundaries were the same (the run kept no CPU samples)")
+    run["phases"] = new
+    result.write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 def _span(first, last, key):
@@ -290,7 +338,6 @@ def _span(first, last, key):
 # ---- the resampler alone ---------------------------------------------------------------------------------------------
 def geometries(preprocessed: Path) -> list[dict]:
     """Distinct (cropped shape, spacing) -> (preprocessed shape, target spacing) of the 3d_fullres cases."""
-    import blosc2  # noqa: F401  (nnU-Net's storage; only the properties pickles are read here)
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     cfg = plans["configurations"]["3d_fullres"]
     out = {}
@@ -410,7 +457,7 @@ def protect_with_shim(argv: list[str]) -> int:
     return protect_main()
 
 
-# ---- main -------------------------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------------------
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -449,14 +496,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repetitions of the resampler forward + backward [3]")
     p.add_argument("--probe-impls", default="current,dense", help="resampler variants to time [current,dense]")
     p.add_argument("--skip-protect", action="store_true", help="dataset, planning and resampler timing only")
-    p.add_argument("--protect-args", default="", help="more flags for the protect command, given as --protect-args='--probe-every 0'")
+    p.add_argument("--protect-args", default="",
+                   help="more flags for the protect command, given as --protect-args='--probe-every 0'")
     p.add_argument("--tag", default="", help="suffix of the result file name, e.g. before / after")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-impl", default="current", help=argparse.SUPPRESS)
     p.add_argument("--protect-shim", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--reparse", nargs=2, metavar=("RESULT_JSON", "WORK_FOLDER"), default=None,
+                   help="recompute the protect phases of a result from WORK_FOLDER/protect.log, then exit")
     args = p.parse_args(argv)
 
+    if args.reparse:
+        reparse(Path(args.reparse[0]), Path(args.reparse[1]) / "protect.log")
+        return 0
     if args.protect_shim is not None:
         return protect_with_shim(args.protect_shim)
     if args.probe:
@@ -475,7 +528,7 @@ def main(argv=None) -> int:
     env["PYTHONUNBUFFERED"] = "1"  # progress bars reach the pipe when written, so their timestamps are right
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     record = {"date": started.isoformat(timespec="seconds"), "tag": args.tag,
-              "script": "python benchmarks/ct_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "script": "python benchmarks/ct_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv),
               "machine": machine(), "versions": versions(), "work_folder": str(work)}
     try:
         t = time.time()
@@ -505,6 +558,10 @@ def main(argv=None) -> int:
             shim = needs_continue_training_shim()
             if shim:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--protect-shim", *cmd[1:]]
+            probe_import = subprocess.run(  # the code the command runs: PYTHONPATH (this tree) before site-packages
+                [sys.executable, "-c", "import nnunet_voxshield.nnunet.resampling as r; print(r.__file__)"],
+                env=penv, cwd="/", capture_output=True, text=True)
+            record["resampling_module_used"] = probe_import.stdout.strip() or probe_import.stderr[-300:]
             record["machine"]["loadavg_before_protect"] = list(os.getloadavg())
             run = run_watched(cmd, penv, args.timeout, work / "protect.log")
             run["continue_training_shim"] = (
@@ -513,6 +570,7 @@ def main(argv=None) -> int:
                 "equivalent to: nnUNetv2_voxshield_protect " + " ".join(cmd[3:])) if shim else None
             record["machine"]["loadavg_after_protect"] = list(os.getloadavg())
             fragments, cpu_samples = run.pop("fragments"), run.pop("cpu_samples")
+            run["cpu_s_samples"] = _thin(cpu_samples, 2.0)
             run["environment"] = "nnUNet_n_proc_DA=0 nnUNet_def_n_proc=2"
             run["phases"] = phases(fragments, cpu_samples)
             run["log_tail"] = [f"{t:.1f} {s} {x}"[:300] for t, s, x in fragments[-25:]]

@@ -12,8 +12,9 @@ The matrices are stored and applied banded (`BandedMatrix`). An order-3 spline w
 around the diagonal exceed 1e-12 of the row's largest; the nearest-neighbour matrix has one entry per row. The
 entries below `BAND_TOL` of their row's largest are dropped (far below float32 rounding; float64 results move by
 less than about 1e-12 relative); every other entry is kept exactly. For a 512-voxel CT axis that is at most 42 of
-512 columns per row, so the per-axis cost and the operator's memory grow with the axis length, not its square. The
-backward pass applies the transposed banded matrix and saves no tensor.
+512 columns per row, so the per-axis cost and the operator's memory grow with the axis length, not its square.
+The two in-plane matrices are applied slab by slab (a few slices at a time), so no intermediate volume is made
+between them, and the backward pass (the transposed matrices in reverse order) saves no tensor.
 
 The only non-linear step is skimage's `clip=True`: the spline output is clipped to the value range of its input
 (the whole channel volume, or each slice in the separate-z path). Consequences:
@@ -114,14 +115,14 @@ class BandedMatrix:
                                   for r0, r1, lo, hi, w in self.blocks]
         return self._tensors[key]
 
-    def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """The matrix applied along `dim` of x (no autograd: use `banded_apply`). Returns a contiguous tensor."""
+    def apply(self, x: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix applied along axis `dim` (>= 0) of x, into `out` (contiguous) if given. No autograd."""
         shape = x.shape
         if shape[dim] != self.n_in:
             raise ValueError(f"axis {dim} has {shape[dim]} entries, the matrix expects {self.n_in}")
         outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
         x3 = x.reshape(outer, self.n_in, inner)
-        out = x.new_empty(outer, self.n_out, inner)
+        out = x.new_empty(outer, self.n_out, inner) if out is None else out.view(outer, self.n_out, inner)
         blocks = self._blocks_as(x.dtype, x.device)
         if inner == 1:  # the last axis: [outer, columns] @ block.T
             x2, out2 = x3.view(outer, self.n_in), out.view(outer, self.n_out)
@@ -137,22 +138,57 @@ class BandedMatrix:
         return out.view(*shape[:dim], self.n_out, *shape[dim + 1:])
 
 
-class _BandedApply(torch.autograd.Function):
-    """y = A x along one axis; the gradient is A^T g along the same axis (no tensor is saved for backward)."""
+SLAB_ELEMENTS = 2 ** 22  # in-plane resampling runs on slabs of slices of about this many output voxels (16 MiB
+# in float32): larger slabs make fewer, larger matrix products, which 2 shared CPU cores run with far less waiting
+
+
+def _in_plane(x: torch.Tensor, y_op, x_op) -> torch.Tensor:
+    """[N, Y, X] -> [N, Y', X'], a slab of slices at a time: the intermediate is one slab, never a volume."""
+    if y_op is None and x_op is None:
+        return x
+    n, ny, nx = x.shape
+    ny_out = ny if y_op is None else y_op.n_out
+    nx_out = nx if x_op is None else x_op.n_out
+    x = x.contiguous()
+    out = x.new_empty(n, ny_out, nx_out)
+    step = max(1, SLAB_ELEMENTS // (ny_out * nx_out))
+    for s0 in range(0, n, step):
+        slab, target = x[s0:s0 + step], out[s0:s0 + step]
+        if y_op is not None:
+            slab = y_op.apply(slab, 1, out=target if x_op is None else None)
+        if x_op is not None:
+            x_op.apply(slab, 2, out=target)
+    return out
+
+
+def _separable(x: torch.Tensor, ops: tuple, in_plane_first: bool) -> torch.Tensor:
+    """[B, Z, Y, X] through the per-axis matrices `ops` (z, y, x; None = identity), in-plane axes slab by slab."""
+    z_op, y_op, x_op = ops
+    if z_op is not None and not in_plane_first:
+        x = z_op.apply(x, 1)
+    b, nz = x.shape[:2]
+    x = _in_plane(x.reshape(b * nz, *x.shape[2:]), y_op, x_op)
+    x = x.view(b, nz, *x.shape[1:])
+    if z_op is not None and in_plane_first:
+        x = z_op.apply(x, 1)
+    return x
+
+
+class _Separable(torch.autograd.Function):
+    """y = (Z (x) Y (x) X) x on [B, Z, Y, X]; the gradient is the transposed product, in reverse order.
+
+    No tensor is saved for the backward pass, and the backward pass is itself this function (so it is also
+    differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, matrix: BandedMatrix, dim: int):
-        ctx.matrix, ctx.dim = matrix, dim
-        return matrix.apply(x, dim)
+    def forward(ctx, x, ops: tuple, in_plane_first: bool):
+        ctx.ops, ctx.in_plane_first = ops, in_plane_first
+        return _separable(x, ops, in_plane_first)
 
     @staticmethod
     def backward(ctx, grad):
-        return _BandedApply.apply(grad, ctx.matrix.T, ctx.dim), None, None
-
-
-def banded_apply(x: torch.Tensor, matrix: BandedMatrix, dim: int) -> torch.Tensor:
-    """`matrix` applied along axis `dim` of x, differentiable (also twice)."""
-    return _BandedApply.apply(x, matrix, dim % x.ndim)
+        transposed = tuple(None if op is None else op.T for op in ctx.ops)
+        return _Separable.apply(grad, transposed, not ctx.in_plane_first), None, None
 
 
 @lru_cache(maxsize=512)
@@ -224,11 +260,14 @@ class Resampler:
             out.append(None if m is None else torch.tensor(m, dtype=dtype, device=device))
         return out
 
-    def _along(self, x: torch.Tensor, axes) -> torch.Tensor:
-        for a in axes:
-            if self.banded[a] is not None:
-                x = banded_apply(x, self.banded[a], a - 3)
-        return x
+    def _linear(self, x: torch.Tensor, axes) -> torch.Tensor:
+        """The matrices of `axes` (a subset of 0, 1, 2) applied to x [..., Z, Y, X], differentiably."""
+        ops = tuple(self.banded[a] if a in axes else None for a in range(3))
+        if all(op is None for op in ops):
+            return x
+        lead = x.shape[:-3]
+        y = _Separable.apply(x.reshape(-1, *x.shape[-3:]), ops, True)
+        return y.view(*lead, *y.shape[1:])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Linear part of nnU-Net's resampling: differentiable, for perturbations."""
@@ -236,7 +275,7 @@ class Resampler:
             raise ValueError(f"expected spatial shape {self.shape_in}, got {tuple(x.shape[-3:])}")
         if self.is_identity:
             return x
-        return self._along(x, range(3))
+        return self._linear(x, (0, 1, 2))
 
     def like_nnunet(self, x: torch.Tensor) -> torch.Tensor:
         """Linear map plus skimage's clip to the input's range: reproduces nnU-Net on whole images."""
@@ -251,6 +290,6 @@ class Resampler:
             # the clip happens per slice in-plane, before the (nearest-neighbour) step along the slice axis
             in_plane = tuple(d for d in (1, 2, 3) if d != self.axis + 1)
             lo, hi = flat.amin(dim=in_plane, keepdim=True), flat.amax(dim=in_plane, keepdim=True)
-            y = self._along(flat, [a for a in range(3) if a != self.axis]).clamp(lo, hi)
-            out = self._along(y, [self.axis])
+            y = self._linear(flat, [a for a in range(3) if a != self.axis]).clamp(lo, hi)
+            out = self._linear(y, [self.axis])
         return out.reshape(*x.shape[:-3], *self.shape_out)

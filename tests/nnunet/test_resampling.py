@@ -4,6 +4,7 @@ import pytest
 import torch
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
 
+from nnunet_voxshield.nnunet import resampling
 from nnunet_voxshield.nnunet.resampling import BAND_TOL, BandedMatrix, Resampler, slice_axis_matrix, spline_matrix
 
 PLANS_KWARGS = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}  # nnU-Net's default plans
@@ -142,16 +143,24 @@ def test_banded_transpose_is_exact(kind, n_in, n_out):
     assert banded.T.T is banded
 
 
-def test_banded_resampler_gradient_is_transposed_dense_matrices():
+@pytest.mark.parametrize("slab_elements", [None, 1])  # default slabs (here one), and one slice per slab
+def test_banded_resampler_gradient_is_transposed_dense_matrices(slab_elements, monkeypatch):
     """autograd through the banded Resampler equals applying the transposed dense matrices to the output gradient."""
+    if slab_elements is not None:
+        monkeypatch.setattr(resampling, "SLAB_ELEMENTS", slab_elements)
     shape, sp_in, sp_out = (7, 512, 40), (5.0, 0.8, 0.8), (4.0, 0.75, 0.75)  # separate z along axis 0, 7 -> 9 slices
     new_shape = tuple(int(s) for s in compute_new_shape(shape, sp_in, sp_out))
     r = Resampler(shape, new_shape, sp_in, sp_out, PLANS_KWARGS)
     assert r.do_separate_z and r.axis == 0 and all(m is not None for m in r.banded)
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.normal(0, 1, (2, *shape))).requires_grad_(True)
+    y = r(x)
+    fwd = x.detach().numpy()
+    for a, m in enumerate(r.matrices(torch.float64)):
+        fwd = np.moveaxis(np.moveaxis(fwd, a + 1, -1) @ m.numpy().T, -1, a + 1)
+    assert np.abs(y.detach().numpy() - fwd).max() <= 1e-10 * np.abs(fwd).max()
     g = rng.normal(0, 1, (2, *new_shape))
-    r(x).backward(torch.from_numpy(g))
+    y.backward(torch.from_numpy(g))
     ref = g
     for a, m in enumerate(r.matrices(torch.float64)):
         ref = np.moveaxis(np.moveaxis(ref, a + 1, -1) @ m.numpy(), -1, a + 1)  # (M^T applied) = g @ M

@@ -12,7 +12,7 @@ from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.release.case_export import check_export_supported, copy_dataset, write_protected_case
 from nnunet_voxshield.release.survival import compare, survival
 from synthetic import make_raw_dataset
-from test_bridge import case_files, load_plans, plan_datasets, read_zyx, to_cropped
+from planning import case_files, load_plans, plan_datasets, read_zyx, to_cropped
 
 # name -> (make_raw_dataset kwargs, plans overrides, eps in normalised units, documented tolerances)
 # Tolerances on rel_err = ||measured - R(delta)|| / ||R(delta)||, and why they are not ~0:
