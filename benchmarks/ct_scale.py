@@ -15,7 +15,9 @@ folder unless --work is given):
    subprocess each, for the current `Resampler` and for the dense per-axis matrices applied with `movedim` + `@` (the
    original implementation, kept here as the reference). Memory is the peak RSS (VmHWM, reset just before the call)
    above the RSS before it, with glibc's default allocator and with its mmap threshold fixed at 1 MiB (freed buffers
-   then leave the process, so the peak is that of the live tensors).
+   then leave the process, so the peak is that of the live tensors). With --network, also times the planned
+   3d_fullres network alone on one planned batch: a training step's forward + backward, an input-gradient pass (the
+   noise step's) and a forward pass without gradients, with CPU seconds and peak RSS.
 4. Runs `nnUNetv2_voxshield_protect -d <id> -device cpu --rounds R --surrogate-iters S --roi all [--protect-args]`
    with nnUNet_n_proc_DA=0 and nnUNet_def_n_proc=2 under `/usr/bin/time -v`, polls the memory (RSS and PSS) and CPU
    time of its process tree every 0.5 s, and timestamps its progress bars (stderr) to split the run into phases:
@@ -138,16 +140,16 @@ def _tree_memory(root_pid: int) -> tuple[int, int, list]:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / CLK_TCK  # u, s, cu, cs time
             rss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                        if line.startswith("VmRSS:"))
             pss = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/smaps_rollup").read_text()
                        .splitlines() if line.startswith("Pss:"))
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, StopIteration, IndexError):
+        except (OSError, StopIteration, IndexError):  # gone, or a zombie (CPU time, but no memory)
             continue
         rss_total, pss_total = rss_total + rss, pss_total + pss
-        cpu += (int(stat[11]) + int(stat[12]) + int(stat[13]) + int(stat[14])) / CLK_TCK  # utime stime cutime cstime
         procs.append((pid, round(rss / 2 ** 20), round(pss / 2 ** 20), cmd))
     return rss_total, pss_total, cpu, procs
 
@@ -233,6 +235,9 @@ def phases(fragments: list, cpu_samples: list) -> dict:
     machine the wall time mostly measures the other processes; the CPU time does not). A round ends when the rounds
     bar counts it, after its checkpoint is saved; the loop leaves the last round before the bar counts it, so that
     one ends at the bar's closing print."""
+    cpu_samples = [(t, c) for i, (t, c) in enumerate(cpu_samples)  # a tree caught between exit and reaping
+                   if c >= max((c2 for _, c2 in cpu_samples[:i]), default=0.0)]  # reads low: dropped
+
     def cpu_at(t):
         before = [c for s, c in cpu_samples if s <= t]
         return before[-1] if before else 0.0
@@ -289,7 +294,7 @@ def phases(fragments: list, cpu_samples: list) -> dict:
         out["export_start_to_exit_s"] = round(end - first["writing"], 1)
         out["export_start_to_exit_cpu_s"] = cpu(first["writing"], end)
     if cpu_samples:
-        out["total_cpu_s"] = round(cpu_samples[-1][1], 1)
+        out["total_cpu_s_polled"] = round(cpu_samples[-1][1], 1)
     return out
 
 
@@ -322,7 +327,7 @@ def reparse(result: Path, log: Path) -> None:
                 r_new["cpu_s"] = r_old["cpu_s"]
             if r_old.get("surrogate_steps_s") == r_new.get("surrogate_steps_s"):
                 r_new["surrogate_steps_cpu_s"] = r_old.get("surrogate_steps_cpu_s")
-        for key in ("export_start_to_exit_s", "export_start_to_exit_cpu_s", "total_cpu_s"):
+        for key in ("export_start_to_exit_s", "export_start_to_exit_cpu_s", "total_cpu_s", "total_cpu_s_polled"):
             if key in old:
                 new[key] = old[key]
         new["note"] = ("recomputed from protect.log by --reparse; per-phase CPU seconds only where the run's own "
@@ -402,6 +407,44 @@ def resampler_probe(geometry: dict, impl: str, repeats: int) -> dict:
             "peak_rss_above_start_mib": [round(p / 2 ** 20, 1) for p in peaks],
             "input_mib": round(x0.numel() * 4 / 2 ** 20, 1), "output_mib": round(gy.numel() * 4 / 2 ** 20, 1),
             "setup_s": round(build_s, 3), "output_norm": out_norm, "grad_norm": grad_norm}
+
+
+def network_probe(preprocessed: Path, repeats: int) -> dict:
+    """In this (fresh) process: the planned 3d_fullres network on one planned batch (float32, like the CPU run):
+    forward + backward with weight gradients (the surrogate's training step), with the input gradient only (the
+    noise step), and forward without gradients (the clean logits and the shortcut probe). CPU seconds and peak RSS
+    above the RSS before each pass."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager(json.loads((preprocessed / "nnUNetPlans.json").read_text()))
+    cm = plans.get_configuration("3d_fullres")
+    n_labels = len(json.loads((preprocessed / "dataset.json").read_text())["labels"])
+    torch.manual_seed(0)
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 1, n_labels, deep_supervision=False)
+    x0 = torch.randn(cm.batch_size, 1, *cm.patch_size)
+    out = {"patch_size": list(cm.patch_size), "batch_size": cm.batch_size, "torch_threads": torch.get_num_threads(),
+           "parameters_millions": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)}
+    for name, weights, input_grad in (("train_step_fwd_bwd", True, False), ("input_grad_fwd_bwd", False, True),
+                                      ("forward_no_grad", False, False)):
+        for p in net.parameters():
+            p.requires_grad_(weights)
+        runs = []
+        for _ in range(repeats):
+            x = x0.clone().requires_grad_(input_grad)
+            Path("/proc/self/clear_refs").write_text("5")
+            before, wall, cpu = _status_bytes("VmRSS"), time.perf_counter(), time.process_time()
+            with torch.set_grad_enabled(weights or input_grad):
+                y = net(x)
+                if weights or input_grad:
+                    y.float().mean().backward()
+            runs.append({"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
+                         "peak_rss_above_start_mib": round((_status_bytes("VmHWM") - before) / 2 ** 20)})
+            del x, y
+            net.zero_grad(set_to_none=True)
+        out[name] = runs
+    return out
 
 
 ALLOCATORS = {  # glibc's default keeps freed buffers in the heap (RSS then counts them); a fixed 1 MiB mmap
@@ -502,6 +545,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--probe-impl", default="current", help=argparse.SUPPRESS)
+    p.add_argument("--network", action="store_true",
+                   help="also time the planned network alone on one planned batch (a few minutes on 2 CPU cores)")
+    p.add_argument("--network-probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--protect-shim", nargs=argparse.REMAINDER, default=None, help=argparse.SUPPRESS)
     p.add_argument("--reparse", nargs=2, metavar=("RESULT_JSON", "WORK_FOLDER"), default=None,
                    help="recompute the protect phases of a result from WORK_FOLDER/protect.log, then exit")
@@ -514,6 +560,9 @@ def main(argv=None) -> int:
         return protect_with_shim(args.protect_shim)
     if args.probe:
         print(json.dumps(resampler_probe(json.loads(args.probe), args.probe_impl, args.repeats)))
+        return 0
+    if args.network_probe:
+        print(json.dumps(network_probe(Path(args.network_probe), 2)))
         return 0
     if args.cases < 2:
         p.error("--cases must be >= 2: with one spacing nnU-Net does not resample")
@@ -550,6 +599,12 @@ def main(argv=None) -> int:
 
         impls = args.probe_impls.split(",")
         record["resampler_fwd_bwd"] = run_probes(pre, impls, args.repeats, env)
+        if args.network:
+            p_net = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--network-probe", str(pre)],
+                                   env=env, capture_output=True, text=True)
+            record["network_alone"] = (json.loads(p_net.stdout.strip().splitlines()[-1]) if p_net.returncode == 0
+                                       else {"error": p_net.stderr[-2000:]})
+            print(json.dumps(record["network_alone"]), flush=True)
 
         if not args.skip_protect:
             penv = {**env, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2"}
