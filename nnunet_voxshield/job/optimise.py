@@ -77,9 +77,6 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
     if baseline is not None:
         return baseline, [], None
     deltas = initial_deltas(cases, s.seed)
-    if s.method == "targeted" and not s.warm_start:
-        raise VoxShieldError("--method targeted pushes a clean-trained nnU-Net toward other labels: pass its "
-                             "checkpoint with --warm-start (e.g. .../fold_0/checkpoint_final.pth of the same plans)")
     lead = distributed.rank() == 0
     if lead:
         state = RunState.for_settings(surrogate_folder(src), s.optimisation_key())

@@ -18,6 +18,7 @@ from nnunet_voxshield.nnunet.resampling import Resampler, resampling_kwargs_of
 
 # the +-5 sigma z-score window of the paper maps to [0, 1]: 10 normalised units
 ZSCORE_WINDOW = 10.0
+CLIPPING_SCHEMES = {"CTNormalization", "RescaleTo01Normalization", "RGBTo01Normalization"}  # see _clip_window
 NORM_EPS = 1e-8  # nnU-Net's lower bound on the std it divides by (float32 targets)
 
 
@@ -109,6 +110,7 @@ def _clip_window(scheme: str, image: np.ndarray, intensity_properties: dict):
     and max to 0 and 1 (a voxel pushed beyond them would rescale every other voxel); RGBTo01 refuses values outside
     0-255. A perturbation that stays inside the window passes all three unchanged (up to the scale).
     """
+    image = image.astype(np.float64) if scheme in CLIPPING_SCHEMES else image
     if scheme == "CTNormalization":
         p = intensity_properties
         std = max(float(p["std"]), NORM_EPS)
@@ -124,10 +126,9 @@ def _clip_window(scheme: str, image: np.ndarray, intensity_properties: dict):
 
 def _headroom(schemes, cropped: np.ndarray, intensity: dict) -> np.ndarray | None:
     """Per voxel and channel, how far delta may go down and up inside the clip window (see CaseGrid.headroom)."""
-    windows = [_clip_window(s, cropped[c].astype(np.float64), intensity.get(str(c), {}))
-               for c, s in enumerate(schemes)]
-    if all(w is None for w in windows):
+    if not CLIPPING_SCHEMES.intersection(schemes):
         return None
+    windows = [_clip_window(s, cropped[c], intensity.get(str(c), {})) for c, s in enumerate(schemes)]
     room = np.empty((2, *cropped.shape), dtype=np.float16)
     for c, w in enumerate(windows):
         if w is None:

@@ -31,6 +31,9 @@ def validate(s: ProtectSettings) -> None:
     parse_roi(s.roi)
     if s.method not in METHODS:
         raise VoxShieldError(f"--method must be one of {', '.join(METHODS)}; got {s.method!r}")
+    if s.method == "targeted" and not s.warm_start:
+        raise VoxShieldError("--method targeted pushes a clean-trained nnU-Net toward other labels: pass its "
+                             "checkpoint with --warm-start (e.g. .../fold_0/checkpoint_final.pth of the same plans)")
     if s.lambda_z < 0 or s.lambda_s < 0:
         raise VoxShieldError("--lambda-z and --lambda-s must be >= 0")
     if s.schedule.rounds < 1 or s.schedule.noise_steps < 1 or s.schedule.surrogate_iters < 0:

@@ -12,8 +12,9 @@ import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 from scipy.ndimage import distance_transform_edt
 
-from nnunet_voxshield.demo import atlas_regions, builder
+from nnunet_voxshield.demo import atlas_regions
 from nnunet_voxshield.errors import VoxShieldError
+from failed_builds import assert_failed_build_keeps_old_copy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import intensity_rule  # noqa: E402
@@ -170,24 +171,7 @@ def test_existing_dataset_needs_overwrite(tmp_path, fast_loading):
 
 
 def test_failed_build_leaves_nothing_and_keeps_old_copy(tmp_path, monkeypatch, fast_loading):
-    root = atlas_regions.build_atlas_dataset(tmp_path, n_train=1, n_test=0)
-    before = _read(root / "imagesTr" / "mniregions_000_0000.nii.gz")
-    calls = []
-
-    def failing_write(*args):
-        calls.append(args)
-        if len(calls) > 2:
-            raise OSError("disk full")
-        return original(*args)
-
-    original = builder.write_nifti
-    monkeypatch.setattr(builder, "write_nifti", failing_write)
-    with pytest.raises(OSError):
-        atlas_regions.build_atlas_dataset(tmp_path, n_train=3, n_test=0, seed=9, overwrite=True)
-    with pytest.raises(OSError):
-        atlas_regions.build_atlas_dataset(tmp_path, dataset_id=503, n_train=3, n_test=0)
-    assert [p.name for p in tmp_path.iterdir()] == [root.name]
-    assert np.array_equal(before, _read(root / "imagesTr" / "mniregions_000_0000.nii.gz"))
+    assert_failed_build_keeps_old_copy(atlas_regions.build_atlas_dataset, tmp_path, monkeypatch, "mniregions_000_0000.nii.gz", other_id=503)
 
 
 def test_id_used_by_another_dataset_is_refused(tmp_path):

@@ -7,9 +7,9 @@ import pytest
 import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
-from nnunet_voxshield.demo import builder
 from nnunet_voxshield.demo import mni_tissues as demo_data
 from nnunet_voxshield.errors import VoxShieldError
+from failed_builds import assert_failed_build_keeps_old_copy
 
 N_TRAIN, N_TEST = 3, 1
 SHAPE_ZYX = (43, 50, 42)  # 172 x 200 x 168 mm field of view at 4 mm
@@ -131,24 +131,7 @@ def test_existing_dataset_needs_overwrite(tmp_path):
 
 
 def test_failed_build_leaves_nothing_and_keeps_old_copy(tmp_path, monkeypatch):
-    root = demo_data.build_demo_dataset(tmp_path, n_train=1, n_test=0)
-    before = _read(root / "imagesTr" / "mnibrain_000_0000.nii.gz")
-    calls = []
-
-    def failing_write(*args):
-        calls.append(args)
-        if len(calls) > 2:
-            raise OSError("disk full")
-        return original(*args)
-
-    original = builder.write_nifti
-    monkeypatch.setattr(builder, "write_nifti", failing_write)
-    with pytest.raises(OSError):
-        demo_data.build_demo_dataset(tmp_path, n_train=3, n_test=0, seed=9, overwrite=True)
-    with pytest.raises(OSError):
-        demo_data.build_demo_dataset(tmp_path, dataset_id=502, n_train=3, n_test=0)
-    assert [p.name for p in tmp_path.iterdir()] == [root.name]
-    assert np.array_equal(before, _read(root / "imagesTr" / "mnibrain_000_0000.nii.gz"))
+    assert_failed_build_keeps_old_copy(demo_data.build_demo_dataset, tmp_path, monkeypatch, "mnibrain_000_0000.nii.gz", other_id=502)
 
 
 def test_id_used_by_another_dataset_is_refused(tmp_path):
