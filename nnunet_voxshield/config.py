@@ -12,6 +12,8 @@ classwise: one fixed +-eps random texture per label, shared by every case, drawn
 codes: one +-eps square-wave grating per label (its own direction and period) drawn on nnU-Net's preprocessed grid;
 presence: one grating for all foreground;
 targeted: adversarial poisoning, pushing a clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels."""
+INITS = ("uniform", "codes", "presence")
+"""Where the optimised methods start: uniform noise (the paper), or the `codes` / `presence` gratings."""
 
 DEFAULT_EPS = 4 / 255
 """The paper's budget, a fraction of a +-5 sigma window (0.157 z-score units)."""
@@ -42,6 +44,7 @@ class Schedule:
     patches: int = 0               # patches per noise step (0: the plans' batch size)
     eot: bool = True               # optimise through random nnU-Net-like augmentations
     stop_ratio: float = 0.0        # stop once CE(x+delta)/CE(x) of the surrogate falls below this (0: never)
+    reinit_every: int = 0          # rounds between re-initialisations of the surrogate (0: never)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class ProtectSettings:
     schedule: Schedule = field(default_factory=Schedule)
     seed: int = 0
     warm_start: str | None = None
+    init: str = "uniform"          # one of INITS
     overwrite: bool = False
     resume_only: bool = False      # --continue: fail if there is nothing to resume
     num_processes: int = 2         # -np: cases prepared in parallel
@@ -71,9 +75,16 @@ class ProtectSettings:
     probe_iters: int = PROBE_ITERS     # training iterations of each fresh network
 
     def optimisation_key(self) -> dict:
-        """The settings that define the optimised perturbations (a resumed run must match them)."""
+        """The settings that define the optimised perturbations (a resumed run must match them).
+
+        Options added later are left out at their default, so that runs from before them keep their fingerprint.
+        """
         d = asdict(self)
         for k in ("dataset", "output_id", "device", "overwrite", "resume_only", "num_processes", "num_gpus",
                   "min_survival", "accept_low_survival", "probe_every", "probe_iters"):
             d.pop(k)
+        if d["init"] == "uniform":
+            del d["init"]
+        if d["schedule"]["reinit_every"] == 0:
+            del d["schedule"]["reinit_every"]
         return d

@@ -3,7 +3,7 @@ import argparse
 import os
 
 from nnunet_voxshield.cli.common import add_device, budget, cli_errors, protected_id
-from nnunet_voxshield.config import (LAMBDA_S, LAMBDA_Z, METHODS, MIN_SURVIVAL, PROBE_EVERY, PROBE_ITERS, ROI,
+from nnunet_voxshield.config import (INITS, LAMBDA_S, LAMBDA_Z, METHODS, MIN_SURVIVAL, PROBE_EVERY, PROBE_ITERS, ROI,
                                      ProtectSettings, Schedule)
 
 
@@ -23,8 +23,10 @@ def parser() -> argparse.ArgumentParser:
                         "N gloo processes with -device cpu; each owns a shard of the cases [1]")
     p.add_argument("-np", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 2)), help="processes for file work")
     p.add_argument("--method", default="voxshield", choices=METHODS,
-                   help="voxshield (default); random: uniform noise of the same budget and ROI (baseline); "
-                        "classwise: one fixed +-eps texture per label shared by all cases (shortcut baseline)")
+                   help="voxshield: the paper's bilevel objective (default); random: uniform noise of the same budget "
+                        "and ROI; classwise: one fixed +-eps texture per label; codes: one +-eps grating per label on "
+                        "nnU-Net's preprocessed grid; presence: one grating for all foreground; targeted: push a "
+                        "clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels")
     p.add_argument("--eps", type=budget, default=None,
                    help="L-inf budget as a fraction of a +-5 sigma window, the paper's unit [4/255 = 0.157 sigma]")
     p.add_argument("--eps-raw", type=float, default=None, help="absolute budget in raw intensity units instead of --eps")
@@ -43,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eot", action="store_true", help="optimise without random augmentations (the paper's setting)")
     p.add_argument("--stop-ratio", type=float, default=d.stop_ratio,
                    help="stop early once surrogate cross-entropy on x+delta / on clean x falls below this [0: never]")
+    p.add_argument("--reinit-every", type=int, default=d.reinit_every,
+                   help="re-initialise the surrogate every K rounds, so the noise keeps working on young networks, "
+                        "the stage at which a victim picks its features [0: never]")
+    p.add_argument("--init", default="uniform", choices=INITS,
+                   help="start of the optimised methods: uniform noise (the paper), or the codes / presence gratings "
+                        "[uniform]")
     p.add_argument("--probe-every", type=int, default=PROBE_EVERY,
                    help=f"rounds between fresh-network probes, and after the last round; 0: none [{PROBE_EVERY}]")
     p.add_argument("--probe-iters", type=int, default=PROBE_ITERS,
@@ -70,9 +78,10 @@ def main(argv=None):
         dataset=a.d, output_id=a.o, configuration=a.c, plans=a.p, device=a.device, method=a.method, eps=a.eps,
         eps_raw=a.eps_raw, lambda_z=a.lambda_z, lambda_s=a.lambda_s, roi=a.roi, slice_axis=a.slice_axis,
         schedule=Schedule(rounds=a.rounds, surrogate_iters=a.surrogate_iters, noise_steps=a.noise_steps,
-                          step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio),
-        seed=a.seed, warm_start=a.warm_start, overwrite=a.overwrite, resume_only=a.resume_only, num_processes=a.np,
-        num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival,
+                          step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio,
+                          reinit_every=a.reinit_every),
+        seed=a.seed, warm_start=a.warm_start, init=a.init, overwrite=a.overwrite, resume_only=a.resume_only,
+        num_processes=a.np, num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival,
         probe_every=a.probe_every, probe_iters=a.probe_iters)
     folder = protect(settings)
     if folder is not None:  # None: another rank of a torchrun group wrote it

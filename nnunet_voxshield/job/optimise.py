@@ -14,7 +14,7 @@ from nnunet_voxshield.job.cases import PreparedCase
 from nnunet_voxshield.job.run_state import RunState
 from nnunet_voxshield.method.baselines import (classwise_delta, code_delta, grating_code, label_gratings,
                                                 label_textures, uniform_delta)
-from nnunet_voxshield.method.bilevel import Bilevel, CaseState, reseed
+from nnunet_voxshield.method.bilevel import FRESH_PROBE, Bilevel, CaseState, reseed
 from nnunet_voxshield.method.probe import FreshProbe
 from nnunet_voxshield.method.eot import EOTAugment
 from nnunet_voxshield.method.objectives import TargetedObjective, VoxShieldObjective, cyclic_shift
@@ -23,8 +23,6 @@ from nnunet_voxshield.nnunet.bridge import resampler
 from nnunet_voxshield.nnunet.env import require_env
 from nnunet_voxshield.nnunet.source import Source
 from nnunet_voxshield.nnunet.surrogate import PerturbedDataset, nnUNetTrainerVoxShieldSurrogate
-
-PROBE_STREAM = 3  # after bilevel's SURROGATE, NOISE and PROBE streams
 
 
 def surrogate_folder(src: Source) -> Path:
@@ -40,43 +38,36 @@ def build_trainer(src: Source, s: ProtectSettings, device: torch.device, run_fol
     trainer.num_epochs = s.schedule.rounds  # nnU-Net's poly learning-rate schedule spans the rounds
     trainer.initialize()
     if s.warm_start:
-        from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
-        if not Path(s.warm_start).is_file():
-            raise VoxShieldError(f"--warm-start {s.warm_start}: no such checkpoint file")
-        load_pretrained_weights(trainer.network, s.warm_start, verbose=False)
+        trainer.load_weights(s.warm_start)
     return trainer
 
 
-def baseline_deltas(src: Source, cases: list[PreparedCase], s: ProtectSettings) -> dict | None:
-    """The perturbations of the methods that need no optimisation; None for the optimised ones."""
+def baseline_deltas(src: Source, cases: list[PreparedCase], method: str, seed: int) -> dict | None:
+    """The perturbations that need no optimisation: the baselines, and the starts of the optimised methods (INITS);
+    None for an optimised method."""
     foreground = src.plans_manager.get_label_manager(src.dataset_json).foreground_labels
-    if s.method == "classwise":
-        textures = label_textures(foreground, len(cases[0].eps_norm), s.seed)
+    if method == "classwise":
+        textures = label_textures(foreground, len(cases[0].eps_norm), seed)
         return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures, c.grid.headroom) for c in cases}
-    if s.method in ("codes", "presence"):
-        gratings = label_gratings(foreground, s.seed, presence=s.method == "presence")
+    if method in ("codes", "presence"):
+        gratings = label_gratings(foreground, seed, presence=method == "presence")
         clean = src.preprocessed_dataset()
         return {c.identifier: code_delta(grating_code(np.asarray(clean.load_case(c.identifier)[1])[0], gratings),
                                          resampler(c.grid), c.eps_norm, c.mask, c.grid.headroom) for c in cases}
-    if s.method == "random":
-        return initial_deltas(cases, s.seed)
+    if method in ("random", "uniform"):
+        rng = np.random.default_rng(seed)
+        return {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}
     return None
-
-
-def initial_deltas(cases: list[PreparedCase], seed: int) -> dict:
-    """Uniform noise in the budget: the random baseline, and the paper's starting point of the bilevel loop."""
-    rng = np.random.default_rng(seed)
-    return {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}
 
 
 def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
              device: torch.device) -> tuple[dict, list, Path | None]:
     """Run, resume or reuse the optimisation; return the final deltas (cropped grid, normalised), the history and
     the run's folder (None for the baselines, which keep no state)."""
-    baseline = baseline_deltas(src, cases, s)
+    baseline = baseline_deltas(src, cases, s.method, s.seed)
     if baseline is not None:
         return baseline, [], None
-    deltas = initial_deltas(cases, s.seed)
+    deltas = baseline_deltas(src, cases, s.init, s.seed)  # the bilevel loop's start (INITS)
     lead = distributed.rank() == 0
     if lead:
         state = RunState.for_settings(surrogate_folder(src), s.optimisation_key())
@@ -160,7 +151,7 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
         distributed.check_in_sync(trainer.plain_network)
         done = r + 1 == s.schedule.rounds or record["ratio"] < s.schedule.stop_ratio
         if probe is not None and ((r + 1) % s.probe_every == 0 or done):
-            record.update(probe.measure(reseed(s.seed, r, PROBE_STREAM)))
+            record.update(probe.measure(reseed(s.seed, r, FRESH_PROBE)))
         history.append(record)
         probed = [h["probe_ratio"] for h in history if h.get("probe_ratio") is not None]
         bar.set_postfix(probe=f"{probed[-1]:.2f}" if probed else "-", ce_ratio=f"{record['ratio']:.3f}")

@@ -26,7 +26,7 @@ from nnunet_voxshield.config import Schedule
 from nnunet_voxshield.method.budget import project
 from nnunet_voxshield.nnunet.distributed import all_gather, barrier, rank
 
-SURROGATE, NOISE, PROBE = range(3)  # the random streams of a round
+SURROGATE, NOISE, PROBE, FRESH_PROBE, REINIT = range(5)  # the random streams of a round
 
 
 def reseed(seed: int, *keys: int) -> int:
@@ -87,9 +87,14 @@ class Bilevel:
 
     # ---- surrogate level -------------------------------------------------------------------------------------
     def surrogate_steps(self, round_idx: int) -> float:
-        t = self.trainer
+        """Train the surrogate; with `reinit_every` K it starts over every K rounds, so that the noise keeps
+        minimising the loss of young networks (what a victim is when it picks its features) and each life follows
+        nnU-Net's learning-rate schedule from the start."""
+        t, every = self.trainer, self.schedule.reinit_every
+        if every and round_idx and round_idx % every == 0:
+            t.reinitialise(reseed(self.seed, round_idx, REINIT))
         t.network.train()
-        t.lr_scheduler.step(round_idx)
+        t.lr_scheduler.step(round_idx % every if every else round_idx)
         reseed(self.seed, round_idx, SURROGATE, rank())
         losses = [float(t.train_step(next(t.dataloader_train))["loss"]) for _ in range(self.schedule.surrogate_iters)]
         return float(np.mean(losses)) if losses else float("nan")

@@ -54,8 +54,7 @@ class FreshProbe:
         t = self.trainer
         torch.manual_seed(seed)
         np.random.seed(seed % 2 ** 32)
-        network = t.build_network_architecture(t.plans_manager, t.configuration_manager, t.num_input_channels,
-                                               t.label_manager.num_segmentation_heads, False).to(t.device)
+        network = t.fresh_network()
         optimizer = torch.optim.SGD(network.parameters(), t.initial_lr, weight_decay=t.weight_decay, momentum=0.99,
                                     nesterov=True)
         schedule = PolyLRScheduler(optimizer, t.initial_lr, self.iterations)

@@ -11,6 +11,7 @@ it finds its parent gone (other systems, or a parent that died before the reques
 """
 import ctypes
 import os
+import pickle
 import signal
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch.nn.parallel import DistributedDataParallel
+
+from nnunet_voxshield.errors import VoxShieldError
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -105,6 +108,33 @@ class nnUNetTrainerVoxShieldSurrogate(nnUNetTrainer):
     def plain_network(self) -> torch.nn.Module:
         """The network without its DDP wrapper: input gradients must not trigger DDP's gradient all-reduce."""
         return self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
+
+    def fresh_network(self) -> torch.nn.Module:
+        """A newly initialised copy of the planned network (nnU-Net's own builder and initialisation), no DDP."""
+        return self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                               self.num_input_channels, self.label_manager.num_segmentation_heads,
+                                               self.enable_deep_supervision).to(self.device)
+
+    def reinitialise(self, seed: int) -> None:
+        """Start the surrogate over: fresh weights drawn from `seed` (the same on every rank) and a new optimiser."""
+        torch.manual_seed(seed)
+        self.plain_network.load_state_dict(self.fresh_network().state_dict())
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
+    def load_weights(self, checkpoint: str) -> None:
+        """Every weight of an nnU-Net checkpoint of the same plans, segmentation heads included.
+
+        nnU-Net's `load_pretrained_weights` skips the heads (it is made for fine-tuning on other labels); a warm
+        start, and above all the clean network that `--method targeted` attacks, needs the network as trained.
+        """
+        if not Path(checkpoint).is_file():
+            raise VoxShieldError(f"--warm-start {checkpoint}: no such checkpoint file")
+        try:
+            weights = torch.load(checkpoint, map_location=self.device, weights_only=False)["network_weights"]
+            self.plain_network.load_state_dict(weights)
+        except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError, EOFError):
+            raise VoxShieldError(f"--warm-start {checkpoint} is not a checkpoint of this dataset's planned "
+                                 f"{self.configuration_name} network; use one trained with the same plans") from None
 
     def get_tr_and_val_datasets(self):
         tr, val = super().get_tr_and_val_datasets()

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from nnunet_voxshield import __version__
-from nnunet_voxshield.config import METHODS, ProtectSettings
+from nnunet_voxshield.config import INITS, METHODS, ProtectSettings
 from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.job.cases import prepare_case, require_perturbable
 from nnunet_voxshield.job.optimise import optimise
@@ -34,6 +34,12 @@ def validate(s: ProtectSettings) -> None:
     if s.method == "targeted" and not s.warm_start:
         raise VoxShieldError("--method targeted pushes a clean-trained nnU-Net toward other labels: pass its "
                              "checkpoint with --warm-start (e.g. .../fold_0/checkpoint_final.pth of the same plans)")
+    if s.init not in INITS:
+        raise VoxShieldError(f"--init must be one of {', '.join(INITS)}; got {s.init!r}")
+    if s.init != "uniform" and s.method not in ("voxshield", "targeted"):
+        raise VoxShieldError(f"--init starts an optimised method (voxshield, targeted); --method {s.method} has none")
+    if s.schedule.reinit_every < 0 or (s.schedule.reinit_every and s.method == "targeted"):
+        raise VoxShieldError("--reinit-every must be >= 0, and 0 with --method targeted (its clean network is fixed)")
     if s.lambda_z < 0 or s.lambda_s < 0:
         raise VoxShieldError("--lambda-z and --lambda-s must be >= 0")
     if s.schedule.rounds < 1 or s.schedule.noise_steps < 1 or s.schedule.surrogate_iters < 0:

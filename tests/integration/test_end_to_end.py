@@ -156,6 +156,50 @@ def test_targeted_poisoning_attacks_a_fixed_clean_network(planned, capsys):
     assert check_cli.main(["-d", str(SRC), "-pd", "688"]) == 0
 
 
+def test_noise_started_from_the_codes_against_a_reinitialised_surrogate(planned):
+    """--init codes starts the bilevel loop from the gratings (two steps of a quarter budget cannot flip their sign);
+    --reinit-every 1 starts the surrogate over before round 2 with fresh weights drawn from the seed."""
+    import SimpleITK as sitk
+    assert protect_cli.main(["-d", str(SRC), "-o", "686", *FAST, "--method", "codes"]) == 0
+    assert protect_cli.main(["-d", str(SRC), "-o", "687", *FAST, "--init", "codes", "--reinit-every", "1"]) == 0
+    assert check_cli.main(["-d", str(SRC), "-pd", "687"]) == 0
+    raw = planned["nnUNet_raw"]
+    read = lambda folder: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / "imagesTr/tiny_000_0000.nii.gz")))
+    source = read(f"Dataset{SRC}_Tiny").astype(np.int32)
+    codes, started = (read(f"Dataset{i}_TinyVoxShield") - source for i in (686, 687))
+    on = codes != 0
+    assert on.sum() > 100 and (np.sign(started[on]) == np.sign(codes[on])).mean() > 0.95
+    assert not np.array_equal(started, codes)  # ... and the noise steps moved it
+
+
+def test_surrogate_starts_over_and_loads_whole_checkpoints(planned, tmp_path):
+    """reinitialise draws fresh weights from its seed with a new optimiser; load_weights (--warm-start) restores every
+    weight, the segmentation heads included, which nnU-Net's load_pretrained_weights leaves out."""
+    from nnunet_voxshield.errors import VoxShieldError
+    from nnunet_voxshield.nnunet.surrogate import nnUNetTrainerVoxShieldSurrogate
+    pre = planned["nnUNet_preprocessed"] / f"Dataset{SRC}_Tiny"
+    plans = {**json.loads((pre / "nnUNetPlans.json").read_text()), "continue_training": False}
+    trainer = nnUNetTrainerVoxShieldSurrogate(plans, "3d_fullres", "all", json.loads((pre / "dataset.json").read_text()),
+                                              torch.device("cpu"))
+    trainer.initialize()
+    weights = lambda: [p.detach().clone() for p in trainer.network.parameters()]
+    trained, optimiser = weights(), trainer.optimizer
+    trainer.reinitialise(7)
+    fresh = weights()
+    trainer.reinitialise(7)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, weights()))
+    assert not all(torch.equal(a, b) for a, b in zip(trained, fresh)) and trainer.optimizer is not optimiser
+
+    trainer.save_checkpoint(str(tmp_path / "fresh.pth"))
+    trainer.reinitialise(8)
+    trainer.load_weights(str(tmp_path / "fresh.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh, weights()))
+    assert any("seg_layers" in name for name, _ in trainer.network.named_parameters())
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(VoxShieldError, match="is not a checkpoint of this dataset's planned 3d_fullres network"):
+        trainer.load_weights(str(tmp_path / "junk.pth"))
+
+
 def test_augmentation_workers_die_with_a_killed_protect(planned):
     """kill -9 of protect (what the out-of-memory killer does) must not leave nnU-Net's augmentation workers behind."""
     args = [sys.executable, "-m", "nnunet_voxshield.cli.protect", "-d", str(SRC), "-o", "690", "-device", "cpu",

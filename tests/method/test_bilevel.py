@@ -44,8 +44,12 @@ class Trainer:
         self.configuration_manager = SimpleNamespace(patch_size=list(PATCH))
         self.global_batch = (2, 0.5)
         self.label_manager = LabelManager({"background": 0, "x": 1, "y": 2}, None)
-        self.lr_scheduler = SimpleNamespace(step=lambda r: None)
+        self.lr_steps, self.reinitialised = [], []
+        self.lr_scheduler = SimpleNamespace(step=self.lr_steps.append)
         self.steps = 0
+
+    def reinitialise(self, seed):
+        self.reinitialised.append(seed)
 
     def train_step(self, batch):
         self.steps += 1
@@ -121,3 +125,16 @@ def test_round_trains_the_surrogate_publishes_every_case_and_reports():
     for key in ("seg", "zdiv", "spd", "ce_perturbed", "ce_clean", "ratio"):
         assert np.isfinite(record[key]), key
     assert record["ratio"] == pytest.approx(record["ce_perturbed"] / record["ce_clean"])
+
+
+def test_reinit_every_starts_the_surrogate_over_with_a_seeded_draw_and_a_fresh_schedule():
+    def rounds(seed, every):
+        loop = make_loop(seed, Schedule(rounds=5, surrogate_iters=1, noise_steps=1, reinit_every=every, eot=False))
+        for r in range(5):
+            loop.surrogate_steps(r)
+        return loop.trainer
+    trainer = rounds(0, 2)
+    assert len(trainer.reinitialised) == 2 and trainer.lr_steps == [0, 1, 0, 1, 0]  # before rounds 3 and 5
+    assert rounds(0, 2).reinitialised == trainer.reinitialised != rounds(1, 2).reinitialised
+    never = rounds(0, 0)
+    assert never.reinitialised == [] and never.lr_steps == [0, 1, 2, 3, 4]
