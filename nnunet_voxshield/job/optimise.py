@@ -67,7 +67,6 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
     baseline = baseline_deltas(src, cases, s.method, s.seed)
     if baseline is not None:
         return baseline, [], None
-    deltas = baseline_deltas(src, cases, s.init, s.seed)  # the bilevel loop's start (INITS)
     lead = distributed.rank() == 0
     if lead:
         state = RunState.for_settings(surrogate_folder(src), s.optimisation_key())
@@ -83,6 +82,7 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
         return state.deltas(), state.history, state.folder
     if state.committed and lead:
         print(f"voxshield: resuming after round {state.rounds_done} from {state.folder}")
+    deltas = baseline_deltas(src, cases, s.init, s.seed)  # the bilevel loop's start (INITS); a resumed run restores
     if s.num_gpus > 1 and distributed.world_size() == 1:
         distributed.spawn(run_bilevel, s.num_gpus, device, src, cases, s, device, deltas, state.folder)
         state = RunState(state.folder)
