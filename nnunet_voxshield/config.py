@@ -6,12 +6,13 @@ a field is only ever added with a default that reproduces the old behaviour.
 """
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("voxshield", "random", "classwise", "codes", "presence", "targeted")
+METHODS = ("voxshield", "random", "classwise", "codes", "presence", "targeted", "generator")
 """voxshield: the paper's bilevel objective; random: uniform noise of the same budget and ROI;
 classwise: one fixed +-eps random texture per label, shared by every case, drawn on the cropped grid;
 codes: one +-eps square-wave grating per label (its own direction and period) drawn on nnU-Net's preprocessed grid;
 presence: one grating for all foreground;
-targeted: adversarial poisoning, pushing a clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels."""
+targeted: adversarial poisoning, pushing a clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels;
+generator: the paper's objective, optimised through one small conv net that maps every case's label map to its delta."""
 INITS = ("uniform", "codes", "presence")
 """Where the optimised methods start: uniform noise (the paper), or the `codes` / `presence` gratings."""
 

@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
                    help="voxshield: the paper's bilevel objective (default); random: uniform noise of the same budget "
                         "and ROI; classwise: one fixed +-eps texture per label; codes: one +-eps grating per label on "
                         "nnU-Net's preprocessed grid; presence: one grating for all foreground; targeted: push a "
-                        "clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels")
+                        "clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels; generator: the paper's "
+                        "objective through one small conv net mapping every case's labels to its delta")
     p.add_argument("--eps", type=budget, default=None,
                    help="L-inf budget as a fraction of a +-5 sigma window, the paper's unit [4/255 = 0.157 sigma]")
     p.add_argument("--eps-raw", type=float, default=None, help="absolute budget in raw intensity units instead of --eps")

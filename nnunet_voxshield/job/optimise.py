@@ -15,6 +15,7 @@ from nnunet_voxshield.job.run_state import RunState
 from nnunet_voxshield.method.baselines import (classwise_delta, code_delta, grating_code, label_gratings,
                                                 label_textures, uniform_delta)
 from nnunet_voxshield.method.bilevel import FRESH_PROBE, Bilevel, CaseState, reseed
+from nnunet_voxshield.method.generator import GeneratorBilevel
 from nnunet_voxshield.method.probe import FreshProbe
 from nnunet_voxshield.method.eot import EOTAugment
 from nnunet_voxshield.method.objectives import TargetedObjective, VoxShieldObjective, cyclic_shift
@@ -82,7 +83,8 @@ def optimise(src: Source, cases: list[PreparedCase], s: ProtectSettings,
         return state.deltas(), state.history, state.folder
     if state.committed and lead:
         print(f"voxshield: resuming after round {state.rounds_done} from {state.folder}")
-    deltas = baseline_deltas(src, cases, s.init, s.seed)  # the bilevel loop's start (INITS); a resumed run restores
+    # the bilevel loop's start (INITS; the generator's comes from its weights); a resumed run restores
+    deltas = None if s.method == "generator" else baseline_deltas(src, cases, s.init, s.seed)
     if s.num_gpus > 1 and distributed.world_size() == 1:
         distributed.spawn(run_bilevel, s.num_gpus, device, src, cases, s, device, deltas, state.folder)
         state = RunState(state.folder)
@@ -125,7 +127,8 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
     history = state.history
 
     states = [CaseState(c.identifier, i, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
-                        torch.from_numpy(c.mask).to(device), deltas[c.identifier].to(device), c.slice_axis,
+                        torch.from_numpy(c.mask).to(device),
+                        None if deltas is None else deltas[c.identifier].to(device), c.slice_axis,
                         None if c.grid.headroom is None else torch.from_numpy(c.grid.headroom).to(device))
               for i, c in distributed.shard(list(enumerate(cases)))]
     trainer.perturbation_folder.mkdir(parents=True, exist_ok=True)
@@ -135,8 +138,17 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
 
     generator = torch.Generator()
     rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    loop = Bilevel(trainer, src.preprocessed_dataset(), states, objective(s, trainer), schedule_of(s),
-                   EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator, s.seed)
+    args = (trainer, src.preprocessed_dataset(), states, objective(s, trainer), schedule_of(s),
+            EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator, s.seed)
+    if s.method == "generator":
+        # -1 is nnU-Net's mark for background outside the nonzero region, where delta is zero anyway
+        labels = {c.identifier: torch.from_numpy(np.maximum(c.labels, 0).astype(np.int16)).to(device) for c in cases}
+        loop = GeneratorBilevel(*args, labels=labels, n_classes=int(max(int(v.max()) for v in labels.values())) + 1,
+                                n_channels=len(cases[0].eps_norm))
+        if state.committed:
+            loop.load_state_dict(state.method_state())
+    else:
+        loop = Bilevel(*args)
     for case in states:
         publish(case, loop.perturbed_inputs(case))
     distributed.barrier()
@@ -159,7 +171,8 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
         shards = distributed.gather_to_lead(own)
         deltas = own if shards is None else {k: v for shard in shards for k, v in shard.items()}
         if lead:
-            state.save(trainer, r + 1, deltas, history, finished=done)
+            state.save(trainer, r + 1, deltas, history, finished=done,
+                       extra=loop.state_dict() if isinstance(loop, GeneratorBilevel) else None)
         if done:
             break
     if lead:

@@ -82,11 +82,13 @@ class RunState:
     def history(self) -> list:
         return list(self.committed["history"]) if self.committed else []
 
-    def save(self, trainer, rounds_done: int, deltas: dict, history: list, finished: bool) -> None:
+    def save(self, trainer, rounds_done: int, deltas: dict, history: list, finished: bool,
+             extra: dict | None = None) -> None:
+        """Commit a round; `extra` holds what else the method needs to resume (the generator's weights)."""
         tag = f"round_{rounds_done:04d}"
         trainer.current_epoch = rounds_done - 1  # nnU-Net stores current_epoch + 1
         atomic_write(self.folder / f"{tag}.pth", trainer.save_checkpoint, suffix=".pth")
-        state = {"deltas": {str(k): v.cpu() for k, v in deltas.items()}}
+        state = {**(extra or {}), "deltas": {str(k): v.cpu() for k, v in deltas.items()}}
         atomic_write(self.folder / f"{tag}_state.pth", lambda t: torch.save(state, t), suffix=".pth")
         self.committed = {"fingerprint": self.key, "settings": self.settings, "rounds_done": rounds_done,
                           "history": history, "finished": finished}
@@ -102,4 +104,8 @@ class RunState:
 
     def deltas(self) -> dict:
         """The committed round's perturbations (cropped grid, normalised units, on the CPU)."""
-        return torch.load(self.folder / f"round_{self.rounds_done:04d}_state.pth", weights_only=True)["deltas"]
+        return self.method_state()["deltas"]
+
+    def method_state(self) -> dict:
+        """The committed round's deltas and the `extra` saved with them."""
+        return torch.load(self.folder / f"round_{self.rounds_done:04d}_state.pth", weights_only=True)

@@ -26,7 +26,7 @@ from nnunet_voxshield.config import Schedule
 from nnunet_voxshield.method.budget import project
 from nnunet_voxshield.nnunet.distributed import all_gather, barrier, rank
 
-SURROGATE, NOISE, PROBE, FRESH_PROBE, REINIT = range(5)  # the random streams of a round
+SURROGATE, NOISE, PROBE, FRESH_PROBE, REINIT, GENERATOR = range(6)  # the random streams of a run
 
 
 def reseed(seed: int, *keys: int) -> int:
@@ -124,26 +124,29 @@ class Bilevel:
     def noise_update(self, case: CaseState, round_idx: int, loaded: tuple) -> dict:
         """`loaded` is the case's `to_device_case`, shared with the shortcut probe of the same round."""
         self.generator.manual_seed(reseed(self.seed, round_idx, NOISE, case.index))
-        x, y, props = loaded
-        net = self.net
-        net.eval()
         parts = {}
         for _ in range(self.schedule.noise_steps):
             delta = case.delta.detach().clone().requires_grad_(True)
-            x_adv = x + case.resample(delta)
-            (pa, pc, py), _ = self._patches([x_adv, x, y], props)
-            xa, xc, ya = self._augmented_pair(pa, pc, py)
-            logits_clean = None
-            with self._autocast():
-                if self.objective.lambda_s > 0:
-                    with torch.no_grad():
-                        logits_clean = net(xc)
-                total, parts = self.objective(net(xa), ya, delta[None], case.slice_axis, logits_clean)
+            total, parts = self.objective_on_patches(case, delta, loaded)
             # only the sign is used: scaling keeps float16 gradients from underflowing under autocast
             grad, = torch.autograd.grad(total * (1024.0 if self.device.type == "cuda" else 1.0), delta)
             step = self.schedule.step_size * case.eps.to(delta).view(-1, *[1] * (delta.ndim - 1))
             case.delta = project(delta.detach() - step * grad.sign(), case.eps, case.mask, case.headroom)
         return parts
+
+    def objective_on_patches(self, case: CaseState, delta: torch.Tensor, loaded: tuple) -> tuple:
+        """The objective of the frozen surrogate on freshly sampled, augmented patches of x + R(delta)."""
+        x, y, props = loaded
+        net = self.net
+        net.eval()
+        (pa, pc, py), _ = self._patches([x + case.resample(delta), x, y], props)
+        xa, xc, ya = self._augmented_pair(pa, pc, py)
+        logits_clean = None
+        with self._autocast():
+            if self.objective.lambda_s > 0:
+                with torch.no_grad():
+                    logits_clean = net(xc)
+            return self.objective(net(xa), ya, delta[None], case.slice_axis, logits_clean)
 
     def _autocast(self):
         """Mixed precision on CUDA, as nnU-Net's own train_step; full precision elsewhere."""

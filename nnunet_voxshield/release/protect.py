@@ -37,7 +37,8 @@ def validate(s: ProtectSettings) -> None:
     if s.init not in INITS:
         raise VoxShieldError(f"--init must be one of {', '.join(INITS)}; got {s.init!r}")
     if s.init != "uniform" and s.method not in ("voxshield", "targeted"):
-        raise VoxShieldError(f"--init starts an optimised method (voxshield, targeted); --method {s.method} has none")
+        raise VoxShieldError(f"--init starts the per-case noise of voxshield and targeted; --method {s.method} "
+                             f"starts from its own")
     if s.schedule.reinit_every < 0 or (s.schedule.reinit_every and s.method == "targeted"):
         raise VoxShieldError("--reinit-every must be >= 0, and 0 with --method targeted (its clean network is fixed)")
     if s.lambda_z < 0 or s.lambda_s < 0:
@@ -55,6 +56,8 @@ def validate(s: ProtectSettings) -> None:
 def validate_num_gpus(s: ProtectSettings, src: Source) -> None:
     """nnU-Net splits each batch over the ranks, so every rank needs a sample; CUDA needs a GPU per rank."""
     batch, ranks = src.configuration_manager.batch_size, max(s.num_gpus, distributed.world_size())
+    if s.method == "generator" and ranks > 1:
+        raise VoxShieldError("--method generator trains one network on every case in one process; use -num_gpus 1")
     if s.method == "voxshield" and ranks > batch:
         raise VoxShieldError(f"{ranks} processes (-num_gpus) exceed the planned batch size {batch} of "
                              f"{s.configuration}; use -num_gpus {batch} or fewer")

@@ -172,6 +172,22 @@ def test_noise_started_from_the_codes_against_a_reinitialised_surrogate(planned)
     assert not np.array_equal(started, codes)  # ... and the noise steps moved it
 
 
+def test_generator_writes_one_code_resumably_and_refuses_multi_process_runs(planned, capsys):
+    """--method generator: a checked dataset within budget, the generator's weights committed with each round (what
+    a resumed run continues from), and one line refusing -num_gpus 2."""
+    from nnunet_voxshield.job.run_state import RunState
+    assert protect_cli.main(["-d", str(SRC), "-o", "685", *FAST, "--method", "generator"]) == 0
+    assert check_cli.main(["-d", str(SRC), "-pd", "685"]) == 0
+    report = json.loads((planned["nnUNet_raw"] / "Dataset685_TinyVoxShield" / "voxshield.json").read_text())
+    state = RunState(report["work_folder"]).method_state()
+    assert {"generator", "generator_optimiser", "deltas"} <= set(state) and len(report["history"]) == 2
+    assert all(float(d.abs().max()) > 0 for d in state["deltas"].values())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        protect_cli.main(["-d", str(SRC), "-o", "684", *FAST, "--method", "generator", "-num_gpus", "2"])
+    assert e.value.code == 2 and "use -num_gpus 1" in capsys.readouterr().err
+
+
 def test_surrogate_starts_over_and_loads_whole_checkpoints(planned, tmp_path):
     """reinitialise draws fresh weights from its seed with a new optimiser; load_weights (--warm-start) restores every
     weight, the segmentation heads included, which nnU-Net's load_pretrained_weights leaves out."""
