@@ -37,8 +37,8 @@ def validate(s: ProtectSettings) -> None:
     if s.init not in INITS:
         raise VoxShieldError(f"--init must be one of {', '.join(INITS)}; got {s.init!r}")
     if s.init != "uniform" and s.method not in ("voxshield", "targeted"):
-        raise VoxShieldError(f"--init starts the per-case noise of voxshield and targeted; --method {s.method} "
-                             f"starts from its own")
+        what = "starts from its generator's weights" if s.method == "generator" else "is not optimised"
+        raise VoxShieldError(f"--init starts the per-case noise of voxshield and targeted; --method {s.method} {what}")
     if s.schedule.reinit_every < 0 or (s.schedule.reinit_every and s.method == "targeted"):
         raise VoxShieldError("--reinit-every must be >= 0, and 0 with --method targeted (its clean network is fixed)")
     if s.lambda_z < 0 or s.lambda_s < 0:

@@ -173,7 +173,9 @@ ARGUMENT_CASES = [
     ("output_id_is_source", ["-d", SRC, "-o", SRC], ["other than the source's"]),
     ("num_gpus_zero", ["-d", SRC, "-num_gpus", "0"], ["-num_gpus must be >= 1"]),
     ("num_gpus_over_batch", ["-d", SRC, "-num_gpus", "64"], ["exceed the planned batch size", "-num_gpus"]),
-    ("init_of_a_baseline", ["-d", SRC, "--method", "random", "--init", "codes"], ["--method random has none"]),
+    ("init_of_a_baseline", ["-d", SRC, "--method", "random", "--init", "codes"], ["--method random is not optimised"]),
+    ("init_of_the_generator", ["-d", SRC, "--method", "generator", "--init", "codes"],
+     ["--method generator starts from its generator's weights"]),
     ("reinit_of_targeted", ["-d", SRC, "--method", "targeted", "--warm-start", "x.pth", "--reinit-every", "2"],
      ["0 with --method targeted"]),
 ]
