@@ -129,7 +129,7 @@ class Bilevel:
             delta = case.delta.detach().clone().requires_grad_(True)
             total, parts = self.objective_on_patches(case, delta, loaded)
             # only the sign is used: scaling keeps float16 gradients from underflowing under autocast
-            grad, = torch.autograd.grad(total * (1024.0 if self.device.type == "cuda" else 1.0), delta)
+            grad, = torch.autograd.grad(total * self._loss_scale(), delta)
             step = self.schedule.step_size * case.eps.to(delta).view(-1, *[1] * (delta.ndim - 1))
             case.delta = project(delta.detach() - step * grad.sign(), case.eps, case.mask, case.headroom)
         return parts
@@ -147,6 +147,10 @@ class Bilevel:
                 with torch.no_grad():
                     logits_clean = net(xc)
             return self.objective(net(xa), ya, delta[None], case.slice_axis, logits_clean)
+
+    def _loss_scale(self) -> float:
+        """Keeps float16 gradients from underflowing under CUDA autocast; 1 elsewhere."""
+        return 1024.0 if self.device.type == "cuda" else 1.0
 
     def _autocast(self):
         """Mixed precision on CUDA, as nnU-Net's own train_step; full precision elsewhere."""

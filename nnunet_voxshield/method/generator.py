@@ -33,7 +33,6 @@ class DeltaGenerator(nn.Module):
 
     def __init__(self, n_classes: int, n_channels: int, width: int = WIDTH):
         super().__init__()
-        self.n_classes = n_classes
         self.layers = nn.Sequential(
             nn.Conv3d(n_classes, width, 3, padding=1), nn.LeakyReLU(0.01),
             nn.Conv3d(width, width, 3, padding=2, dilation=2), nn.LeakyReLU(0.01),
@@ -92,8 +91,7 @@ class GeneratorBilevel(Bilevel):
         for _ in range(self.schedule.noise_steps):
             total, parts = self.objective_on_patches(case, self.delta_of(case), loaded)
             # Adam ignores a constant scale: it only keeps float16 gradients from underflowing under autocast
-            scale = 1024.0 if self.device.type == "cuda" else 1.0
-            grads = torch.autograd.grad(total * scale, list(self.delta_net.parameters()))
+            grads = torch.autograd.grad(total * self._loss_scale(), list(self.delta_net.parameters()))
             for p, g in zip(self.delta_net.parameters(), grads):
                 p.grad = g
             self.optimiser.step()
@@ -102,7 +100,8 @@ class GeneratorBilevel(Bilevel):
         return parts
 
     def run_round(self, round_idx: int, publish) -> dict:
-        record = super().run_round(round_idx, publish)
+        """Publish once per round, after every delta comes from the final weights (one process: no barrier)."""
+        record = super().run_round(round_idx, lambda case, perturbed_input: None)
         self.refresh()
         for case in self.cases:
             publish(case, self.perturbed_inputs(case))
