@@ -289,9 +289,14 @@ class ShortSchedule(TrainingSchedule):
     schedule_name, schedule_epochs, schedule_iterations, schedule_val_iterations = "Short", 50, 20, 5
 
 
+class Short4xSchedule(TrainingSchedule):
+    """200 epochs x 20 iterations: the Short schedule 4x longer, the check that a protection is no mere slowdown."""
+    schedule_name, schedule_epochs, schedule_iterations, schedule_val_iterations = "Short4x", 200, 20, 5
+
+
 class LongSchedule(TrainingSchedule):
     """100 epochs x 50 iterations: when Short leaves the clean victim below a useful Dice."""
     schedule_name, schedule_epochs, schedule_iterations, schedule_val_iterations = "Long", 100, 50, 10
 
 
-SCHEDULES = (TinySchedule, BenchSchedule, ShortSchedule, LongSchedule)
+SCHEDULES = (TinySchedule, BenchSchedule, ShortSchedule, Short4xSchedule, LongSchedule)

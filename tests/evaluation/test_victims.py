@@ -149,7 +149,7 @@ def test_scheduled_trainers_are_exactly_victims_times_schedules(victims_module):
              for s in v.SCHEDULES for suffix, (victim, _) in victims_module.VICTIMS.items()}
     scheduled = {name: cls for name, cls in vars(victims_module).items()
                  if isinstance(cls, type) and issubclass(cls, v.TrainingSchedule)}
-    assert set(scheduled) == set(table) and len(table) == 4 * 12
+    assert set(scheduled) == set(table) and len(table) == 5 * 12
     for name, cls in scheduled.items():
         assert cls.__bases__ == table[name], name
         assert cls.__doc__.endswith(table[name][0].__doc__)
