@@ -70,6 +70,10 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class Bilevel:
     """Runs rounds of (surrogate steps, noise pass) on an initialised nnUNetTrainerVoxShieldSurrogate."""
 
+    publish_per_case = True
+    """Whether run_round publishes each case's delta as soon as it is updated (a subclass whose deltas all change
+    together publishes after the round instead)."""
+
     def __init__(self, trainer, dataset, cases: list[CaseState], objective, schedule: Schedule, eot=None,
                  generator: torch.Generator | None = None, seed: int = 0):
         """`dataset` is the clean nnU-Net dataset; `cases` are this rank's; `eot` must draw from `generator`."""
@@ -189,7 +193,8 @@ class Bilevel:
             loaded = to_device_case(self.dataset, case.identifier, self.device)  # read once per case and round
             parts.append(self.noise_update(case, round_idx, loaded))
             probes.append(self.shortcut(case, loaded))
-            publish(case, self.perturbed_inputs(case))
+            if self.publish_per_case:
+                publish(case, self.perturbed_inputs(case))
         barrier()  # every rank's new perturbations are on disk before any rank trains on them
         gathered = all_gather((surrogate_loss, parts, probes))
         parts = [p for _, ps, _ in gathered for p in ps]

@@ -64,6 +64,7 @@ class GeneratorBilevel(Bilevel):
     one Adam step on one case's objective; after the pass over the cases every delta is recomputed with the final
     weights, so the published perturbations all come from one generator.
     """
+    publish_per_case = False  # every delta depends on the shared weights: published after the round
 
     def __init__(self, *args, labels: dict, n_classes: int, n_channels: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -101,7 +102,7 @@ class GeneratorBilevel(Bilevel):
 
     def run_round(self, round_idx: int, publish) -> dict:
         """Publish once per round, after every delta comes from the final weights (one process: no barrier)."""
-        record = super().run_round(round_idx, lambda case, perturbed_input: None)
+        record = super().run_round(round_idx, publish)
         self.refresh()
         for case in self.cases:
             publish(case, self.perturbed_inputs(case))
