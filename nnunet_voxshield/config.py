@@ -46,6 +46,7 @@ class Schedule:
     eot: bool = True               # optimise through random nnU-Net-like augmentations
     stop_ratio: float = 0.0        # stop once CE(x+delta)/CE(x) of the surrogate falls below this (0: never)
     reinit_every: int = 0          # rounds between re-initialisations of the surrogate (0: never)
+    free_band: int = 0             # noise steps move only voxels within this many of a label boundary (0: all)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ProtectSettings:
             d.pop(k)
         if d["init"] == "uniform":
             del d["init"]
-        if d["schedule"]["reinit_every"] == 0:
-            del d["schedule"]["reinit_every"]
+        for k in ("reinit_every", "free_band"):
+            if d["schedule"][k] == 0:
+                del d["schedule"][k]
         return d

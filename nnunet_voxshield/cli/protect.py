@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reinit-every", type=int, default=d.reinit_every,
                    help="re-initialise the surrogate every K rounds, so the noise keeps working on young networks, "
                         "the stage at which a victim picks its features [0: never]")
+    p.add_argument("--free-band", type=int, default=d.free_band,
+                   help="with --init codes/presence: noise steps move only voxels within N of a label boundary and "
+                        "the code stays as drawn elsewhere (a victim that learnt the code errs at boundaries) [0: all]")
     p.add_argument("--init", default="uniform", choices=INITS,
                    help="start of the optimised methods: uniform noise (the paper), or the codes / presence gratings "
                         "[uniform]")
@@ -80,7 +83,7 @@ def main(argv=None):
         eps_raw=a.eps_raw, lambda_z=a.lambda_z, lambda_s=a.lambda_s, roi=a.roi, slice_axis=a.slice_axis,
         schedule=Schedule(rounds=a.rounds, surrogate_iters=a.surrogate_iters, noise_steps=a.noise_steps,
                           step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio,
-                          reinit_every=a.reinit_every),
+                          reinit_every=a.reinit_every, free_band=a.free_band),
         seed=a.seed, warm_start=a.warm_start, init=a.init, overwrite=a.overwrite, resume_only=a.resume_only,
         num_processes=a.np, num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival,
         probe_every=a.probe_every, probe_iters=a.probe_iters)

@@ -15,6 +15,7 @@ from nnunet_voxshield.job.run_state import RunState
 from nnunet_voxshield.method.baselines import (classwise_delta, code_delta, grating_code, label_gratings,
                                                 label_textures, uniform_delta)
 from nnunet_voxshield.method.bilevel import FRESH_PROBE, Bilevel, CaseState, reseed
+from nnunet_voxshield.method.budget import boundary_band
 from nnunet_voxshield.method.generator import GeneratorBilevel
 from nnunet_voxshield.method.probe import FreshProbe
 from nnunet_voxshield.method.eot import EOTAugment
@@ -126,10 +127,12 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
         deltas = state.restore(trainer)
     history = state.history
 
+    band = s.schedule.free_band
     states = [CaseState(c.identifier, i, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
                         torch.from_numpy(c.mask).to(device),
                         None if deltas is None else deltas[c.identifier].to(device), c.slice_axis,
-                        None if c.grid.headroom is None else torch.from_numpy(c.grid.headroom).to(device))
+                        None if c.grid.headroom is None else torch.from_numpy(c.grid.headroom).to(device),
+                        free=torch.from_numpy(boundary_band(np.maximum(c.labels, 0), band)).to(device) if band else None)
               for i, c in distributed.shard(list(enumerate(cases)))]
     trainer.perturbation_folder.mkdir(parents=True, exist_ok=True)
 

@@ -50,6 +50,7 @@ class CaseState:
     slice_axis: int                # through-plane axis in preprocessed spatial order
     headroom: torch.Tensor | None = None  # [2, C, *cropped shape]: the clip window, see nnunet.bridge.CaseGrid
     probe_bbox: list = field(default=None)  # fixed foreground patch used to measure the shortcut
+    free: torch.Tensor | None = None  # cropped grid: where noise steps may move delta (None: everywhere in the mask)
 
 
 def to_device_case(dataset, identifier: str, device: torch.device):
@@ -135,6 +136,8 @@ class Bilevel:
             # only the sign is used: scaling keeps float16 gradients from underflowing under autocast
             grad, = torch.autograd.grad(total * self._loss_scale(), delta)
             step = self.schedule.step_size * case.eps.to(delta).view(-1, *[1] * (delta.ndim - 1))
+            if case.free is not None:
+                step = step * case.free.to(delta)
             case.delta = project(delta.detach() - step * grad.sign(), case.eps, case.mask, case.headroom)
         return parts
 

@@ -57,6 +57,22 @@ def roi_mask(seg: np.ndarray, nonzero_any: np.ndarray, roi: str) -> np.ndarray:
     return region & nonzero_any
 
 
+def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
+    """Voxels within `width` voxels (6-connected steps) of a label boundary, on both sides of it.
+
+    A victim that has learnt a label code errs almost only here (the code says which label, not exactly where it
+    ends), so this is where an error-minimising refinement of a fixed code has something left to do.
+    """
+    edge = np.zeros(labels.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        step = np.diff(labels, axis=axis) != 0
+        before, after = [slice(None)] * labels.ndim, [slice(None)] * labels.ndim
+        before[axis], after[axis] = slice(0, -1), slice(1, None)
+        edge[tuple(before)] |= step
+        edge[tuple(after)] |= step
+    return binary_dilation(edge, iterations=width - 1) if width > 1 else edge
+
+
 def project(delta: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor,
             headroom: torch.Tensor | None = None) -> torch.Tensor:
     """Clamp delta [C, ...] to [-eps_c, eps_c] per channel, into the clip window's `headroom` [2, C, ...] when given

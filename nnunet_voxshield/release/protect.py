@@ -41,6 +41,10 @@ def validate(s: ProtectSettings) -> None:
         raise VoxShieldError(f"--init starts the per-case noise of voxshield and targeted; --method {s.method} {what}")
     if s.schedule.reinit_every < 0 or (s.schedule.reinit_every and s.method == "targeted"):
         raise VoxShieldError("--reinit-every must be >= 0, and 0 with --method targeted (its clean network is fixed)")
+    if s.schedule.free_band < 0 or (s.schedule.free_band and (s.method not in ("voxshield", "targeted")
+                                                                or s.init == "uniform")):
+        raise VoxShieldError("--free-band refines a start it keeps elsewhere: it needs --init codes or presence and "
+                             "--method voxshield or targeted, and must be >= 0")
     if s.lambda_z < 0 or s.lambda_s < 0:
         raise VoxShieldError("--lambda-z and --lambda-s must be >= 0")
     if s.schedule.rounds < 1 or s.schedule.noise_steps < 1 or s.schedule.surrogate_iters < 0:

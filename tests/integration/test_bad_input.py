@@ -178,6 +178,7 @@ ARGUMENT_CASES = [
      ["--method generator starts from its generator's weights"]),
     ("reinit_of_targeted", ["-d", SRC, "--method", "targeted", "--warm-start", "x.pth", "--reinit-every", "2"],
      ["0 with --method targeted"]),
+    ("free_band_without_a_code", ["-d", SRC, "--free-band", "1"], ["--free-band refines a start", "--init codes"]),
 ]
 
 

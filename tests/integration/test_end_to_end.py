@@ -172,6 +172,23 @@ def test_noise_started_from_the_codes_against_a_reinitialised_surrogate(planned)
     assert not np.array_equal(started, codes)  # ... and the noise steps moved it
 
 
+def test_free_band_refines_the_code_only_next_to_label_boundaries(planned):
+    """--free-band 1 keeps the written code exactly as drawn away from label boundaries and lets the noise steps
+    change it on the voxels that touch another label (the band is found on the cropped grid; cropping and nnU-Net's
+    transposition do not change which voxels touch another label)."""
+    import SimpleITK as sitk
+    from nnunet_voxshield.method.budget import boundary_band
+    assert protect_cli.main(["-d", str(SRC), "-o", "686", *FAST, "--method", "codes"]) == 0
+    assert protect_cli.main(["-d", str(SRC), "-o", "688", *FAST, "--init", "codes", "--free-band", "1"]) == 0
+    raw = planned["nnUNet_raw"]
+    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+    source = read(f"Dataset{SRC}_Tiny/imagesTr/tiny_000_0000.nii.gz")
+    codes, refined = (read(f"Dataset{i}_TinyVoxShield/imagesTr/tiny_000_0000.nii.gz") - source for i in (686, 688))
+    band = boundary_band(read(f"Dataset{SRC}_Tiny/labelsTr/tiny_000.nii.gz"), 1)
+    assert np.array_equal(refined[~band], codes[~band])
+    assert (refined[band] != codes[band]).any() and (codes[~band] != 0).sum() > 100
+
+
 def test_generator_writes_one_code_resumably_and_refuses_multi_process_runs(planned, capsys):
     """--method generator: a checked dataset within budget, the generator's weights committed with each round (what
     a resumed run continues from), and one line refusing -num_gpus 2."""

@@ -105,6 +105,21 @@ def test_noise_step_stays_within_budget_and_roi():
         assert not case.delta[:, ~case.mask].any()
 
 
+def test_free_band_moves_only_its_voxels_and_keeps_the_start_elsewhere():
+    from nnunet_voxshield.method.budget import boundary_band
+    loop = make_loop()
+    start = {}
+    for case in loop.cases:
+        case.delta = 0.3 * case.mask.float()[None]  # a code at +eps on every labelled voxel
+        start[case.identifier] = case.delta.clone()
+        case.free = torch.from_numpy(boundary_band(loop.dataset.load_case(case.identifier)[1][0], 1))
+    loop.run_round(0, lambda case, x: None)
+    for case in loop.cases:
+        moved = case.delta != start[case.identifier]
+        assert moved.any() and not moved[:, ~case.free].any()
+        assert not case.delta[:, ~case.mask].any()
+
+
 def test_same_seed_same_deltas_other_seed_other_deltas():
     def deltas(seed):
         loop = make_loop(seed, Schedule(rounds=1, surrogate_iters=0, noise_steps=2, step_size=0.5, eot=True))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nnunet_voxshield.config import DEFAULT_EPS
-from nnunet_voxshield.method.budget import eps_norm, parse_roi, project, roi_mask, validate_eps
+from nnunet_voxshield.method.budget import boundary_band, eps_norm, parse_roi, project, roi_mask, validate_eps
 from nnunet_voxshield.errors import VoxShieldError
 
 
@@ -47,3 +47,15 @@ def test_project_clamps_per_channel_and_masks():
     mask = torch.tensor([[[True, True, False]]])
     out = project(delta, torch.tensor([0.1, 1.0]), mask)
     np.testing.assert_allclose(out.numpy().ravel(), [-0.1, 0.05, 0.0, -1.0, 0.05, 0.0])
+
+
+def test_boundary_band_holds_the_voxels_next_to_a_label_change_on_both_sides():
+    labels = np.zeros((9, 9, 9), dtype=np.int16)
+    labels[2:7, 2:7, 2:7] = 1
+    labels[4, 4, 4] = 2  # a one-voxel label inside label 1
+    one, two = boundary_band(labels, 1), boundary_band(labels, 2)
+    assert one[1, 4, 4] and one[2, 4, 4] and one[7, 4, 4] and one[6, 4, 4]  # either side of a face of the cube
+    assert not one[0, 4, 4] and not one[3, 3, 3] and not one[1, 1, 1]  # a diagonal neighbour is not a face neighbour
+    assert one[4, 4, 4] and one[3, 4, 4] and one[4, 5, 4]  # the inner label and its 6 neighbours
+    assert two[0, 4, 4] and two[3, 3, 4] and not two[0, 0, 0] and (two >= one).all()
+    assert not boundary_band(np.ones((4, 4, 4), dtype=np.int16), 1).any()  # one label: no boundary
