@@ -86,6 +86,15 @@ def _corr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     return float(a @ b / denom) if denom > 0 else float("nan")
 
 
+def clean_and_protected(src, protected: str, identifier: str, pm, cm) -> tuple:
+    """nnU-Net's preprocessing of one training case, clean and from the protected dataset's files: (x, x_p, seg)."""
+    from nnunet_voxshield.nnunet.bridge import preprocess_case
+    files = src.files[identifier]
+    x, seg, _, _ = preprocess_case(files["images"], files["label"], pm, cm, src.dataset_json, identifier)
+    protected_files = [str(src.raw.parent / protected / "imagesTr" / Path(f).name) for f in files["images"]]
+    return x, preprocess_case(protected_files, files["label"], pm, cm, src.dataset_json, identifier)[0], seg
+
+
 def shifted_code(gratings: dict):
     """`code(labels, shift)`: the gratings drawn on `labels` with every phase moved by `shift`."""
     from nnunet_voxshield.method.baselines import grating_code
@@ -106,7 +115,6 @@ def main(argv=None):
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_voxshield.method.baselines import label_gratings
-    from nnunet_voxshield.nnunet.bridge import preprocess_case
     from nnunet_voxshield.nnunet.env import dataset_name
     from nnunet_voxshield.nnunet.source import load_source
 
@@ -123,10 +131,7 @@ def main(argv=None):
             code = shifted_code(label_gratings(foreground, report["settings"]["seed"], presence=method == "presence"))
         rows = {}
         for case_index, identifier in enumerate(src.identifiers[:a.cases]):
-            files = src.files[identifier]
-            x, seg, _, _ = preprocess_case(files["images"], files["label"], pm, cm, src.dataset_json, identifier)
-            prot_files = [str(src.raw.parent / name / "imagesTr" / Path(f).name) for f in files["images"]]
-            xp = preprocess_case(prot_files, files["label"], pm, cm, src.dataset_json, identifier)[0]
+            x, xp, seg = clean_and_protected(src, name, identifier, pm, cm)
             x, d, seg = torch.from_numpy(x).float(), torch.from_numpy(xp - x).float(), torch.from_numpy(seg)
             seg = seg.clamp(min=0).to(torch.int16)
             for t_name, transform, spatial in transforms(nnUNetTrainer, tuple(x.shape[1:]), ROTATION, MIRROR_AXES):

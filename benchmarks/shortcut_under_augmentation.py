@@ -21,7 +21,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from code_survival import MIRROR_AXES, ROTATION, _apply, transforms  # noqa: E402
+from code_survival import MIRROR_AXES, ROTATION, _apply, clean_and_protected, transforms  # noqa: E402
 
 
 def fit_to(array: np.ndarray, shape, value) -> torch.Tensor:
@@ -62,7 +62,6 @@ def main(argv=None):
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_voxshield.nnunet.bridge import preprocess_case
     from nnunet_voxshield.nnunet.env import dataset_name
     from nnunet_voxshield.nnunet.source import load_source
 
@@ -80,10 +79,7 @@ def main(argv=None):
     name = dataset_name(a.pd)
     rows = {}
     for case_index, identifier in enumerate(src.identifiers[:a.cases]):
-        files = src.files[identifier]
-        x, seg, _, _ = preprocess_case(files["images"], files["label"], pm, cm, src.dataset_json, identifier)
-        protected = [str(src.raw.parent / name / "imagesTr" / Path(f).name) for f in files["images"]]
-        xp = preprocess_case(protected, files["label"], pm, cm, src.dataset_json, identifier)[0]
+        x, xp, seg = clean_and_protected(src, name, identifier, pm, cm)
         x, xp, seg = fit_to(x, patch, 0).float(), fit_to(xp, patch, 0).float(), fit_to(seg, patch, -1).to(torch.int16)
         steps = transforms(nnUNetTrainer, patch, ROTATION, MIRROR_AXES) if a.draws else []
         for t_name, transform, _ in [("none", None, None)] + steps:
