@@ -178,12 +178,12 @@ def test_free_band_refines_the_code_only_next_to_label_boundaries(planned):
     transposition do not change which voxels touch another label)."""
     import SimpleITK as sitk
     from nnunet_voxshield.method.budget import boundary_band
-    assert protect_cli.main(["-d", str(SRC), "-o", "686", *FAST, "--method", "codes"]) == 0
-    assert protect_cli.main(["-d", str(SRC), "-o", "688", *FAST, "--init", "codes", "--free-band", "1"]) == 0
+    assert protect_cli.main(["-d", str(SRC), "-o", "682", *FAST, "--method", "codes"]) == 0
+    assert protect_cli.main(["-d", str(SRC), "-o", "683", *FAST, "--init", "codes", "--free-band", "1"]) == 0
     raw = planned["nnUNet_raw"]
     read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
     source = read(f"Dataset{SRC}_Tiny/imagesTr/tiny_000_0000.nii.gz")
-    codes, refined = (read(f"Dataset{i}_TinyVoxShield/imagesTr/tiny_000_0000.nii.gz") - source for i in (686, 688))
+    codes, refined = (read(f"Dataset{i}_TinyVoxShield/imagesTr/tiny_000_0000.nii.gz") - source for i in (682, 683))
     band = boundary_band(read(f"Dataset{SRC}_Tiny/labelsTr/tiny_000.nii.gz"), 1)
     assert np.array_equal(refined[~band], codes[~band])
     assert (refined[band] != codes[band]).any() and (codes[~band] != 0).sum() > 100
