@@ -32,13 +32,12 @@ def fit_to(array: np.ndarray, shape, value) -> torch.Tensor:
     return torch.from_numpy(np.asarray(crop_and_pad_nd(array, [[0, array.shape[0]]] + bbox, value)))
 
 
-def mean_dice(prediction: torch.Tensor, reference: torch.Tensor, labels) -> float:
-    values = []
-    for k in labels:
-        p, r = prediction == k, reference == k
-        if int(r.sum()) > 0:
-            values.append(float(2 * (p & r).sum() / (p.sum() + r.sum())))
-    return float(np.mean(values)) if values else float("nan")
+def dice_of_present_labels(prediction: torch.Tensor, reference: torch.Tensor, labels) -> float:
+    """Mean Dice over the labels present in `reference` (a transform can move a label out of the patch)."""
+    from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice
+    ref = reference.numpy()
+    score = mean_dice([dice_per_label(prediction.numpy(), ref, [k for k in labels if (ref == k).any()])])
+    return float("nan") if score is None else score
 
 
 def boundary_share(prediction: torch.Tensor, reference: torch.Tensor) -> float:
@@ -88,7 +87,8 @@ def main(argv=None):
                     ti, ts = (image, seg) if transform is None else _apply(transform, image, seg, 1000 * k + case_index)
                     with torch.no_grad():
                         prediction = net(ti[None].float())[0].argmax(0)
-                    rows.setdefault(t_name, {}).setdefault(kind, []).append(mean_dice(prediction, ts[0], labels))
+                    rows.setdefault(t_name, {}).setdefault(kind, []).append(
+                        dice_of_present_labels(prediction, ts[0], labels))
                     if transform is None:
                         rows.setdefault("errors on label boundaries", {}).setdefault(kind, []).append(
                             boundary_share(prediction, ts[0]))

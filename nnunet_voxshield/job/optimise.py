@@ -127,12 +127,16 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
         deltas = state.restore(trainer)
     history = state.history
 
-    band = s.schedule.free_band
+    def free(c: PreparedCase):
+        """Where the noise steps may move delta: the boundary band with --free-band, else everywhere (None)."""
+        band = s.schedule.free_band
+        return torch.from_numpy(boundary_band(np.maximum(c.labels, 0), band)).to(device) if band else None
+
     states = [CaseState(c.identifier, i, resampler(c.grid), torch.from_numpy(c.eps_norm).float().to(device),
                         torch.from_numpy(c.mask).to(device),
                         None if deltas is None else deltas[c.identifier].to(device), c.slice_axis,
                         None if c.grid.headroom is None else torch.from_numpy(c.grid.headroom).to(device),
-                        free=torch.from_numpy(boundary_band(np.maximum(c.labels, 0), band)).to(device) if band else None)
+                        free=free(c))
               for i, c in distributed.shard(list(enumerate(cases)))]
     trainer.perturbation_folder.mkdir(parents=True, exist_ok=True)
 

@@ -55,12 +55,14 @@ def test_discard_forgets_the_run(tmp_path):
 
 
 def test_options_added_later_keep_the_fingerprint_of_runs_made_before_them():
-    """A default --init, --reinit-every and --free-band leave the key as it was, so earlier runs still resume and are reused."""
+    """A default --init, --reinit-every and --free-band leave the key as it was, so earlier runs still resume and are
+    reused."""
     from dataclasses import replace
 
     from nnunet_voxshield.config import ProtectSettings, Schedule
     default = ProtectSettings("Dataset501_X")
-    assert fingerprint(default.optimisation_key()) == "3be2e96cf91863ca"  # the key before the two options
+    assert fingerprint(default.optimisation_key()) == "3be2e96cf91863ca"  # the key before the later options
     assert fingerprint(replace(default, init="codes").optimisation_key()) != fingerprint(default.optimisation_key())
     for later in (Schedule(reinit_every=5), Schedule(free_band=1)):
-        assert fingerprint(replace(default, schedule=later).optimisation_key()) != fingerprint(default.optimisation_key())
+        assert (fingerprint(replace(default, schedule=later).optimisation_key())
+                != fingerprint(default.optimisation_key()))
