@@ -6,15 +6,16 @@ pipeline (`nnUNetTrainer.get_training_transforms`) is then applied alone, with i
 and to x with the same random draw; survival is the correlation, over foreground voxels, between T(x + d) - T(x) and
 the code as it should read there: for intensity steps d itself; for spatial steps (rotation, scaling, mirroring) the
 method's own code drawn afresh, in its canonical orientation and scale, on the transformed labels, at the best of 8
-phases for each label (a convolutional victim does not care where a grating's stripes start, only about its
+phases for each label and each layer of the code (a convolutional victim does not care where a grating's stripes start, only about its
 direction and period), averaged over the labels by voxel count.
 So a grating that rotation turns into another direction, or scaling into another period, scores low: a filter tuned
-to the code would miss it. "stock pipeline" applies the whole pipeline with nnU-Net's probabilities. Only label codes (codes, presence)
-have a canonical form to compare with; for other methods spatial steps are not scored.
+to the code would miss it. "stock pipeline" applies the whole pipeline with nnU-Net's probabilities. Only label
+codes (codes, presence, parity) have a canonical form to compare with; for other methods spatial steps are not scored.
 
     python benchmarks/code_survival.py -d 502 -pd 602 603 --draws 16
 """
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -63,7 +64,7 @@ def _apply(transform, image, seg, seed):
 
 def survival(transform, spatial, x, d, seg, seed, code) -> float:
     """corr over foreground of T(x + d) - T(x) with the code as it should read after T (see the module docstring);
-    `code(labels)` draws the method's canonical code on a label map, or is None."""
+    `code(labels)` draws the method's canonical code on a label map at each candidate phase, or is None."""
     adv, seg_t = _apply(transform, x + d, seg, seed)
     clean, _ = _apply(transform, x, seg, seed)
     if spatial is False:
@@ -72,7 +73,7 @@ def survival(transform, spatial, x, d, seg, seed, code) -> float:
         return float("nan")
     else:
         labels = seg_t[0].numpy()
-        codes = [torch.from_numpy(code(labels, shift))[None] for shift in np.arange(8) * np.pi / 4]
+        codes = [torch.from_numpy(c)[None] for c in code(labels)]
         per_label = [(int((seg_t[0] == k).sum()), max(_corr(adv - clean, c, seg_t[0] == k) for c in codes))
                      for k in np.unique(labels) if k > 0]
         return float(sum(n * c for n, c in per_label) / sum(n for n, _ in per_label))
@@ -95,12 +96,17 @@ def clean_and_protected(src, protected: str, identifier: str, pm, cm) -> tuple:
     return x, preprocess_case(protected_files, files["label"], pm, cm, src.dataset_json, identifier)[0], seg
 
 
-def shifted_code(gratings: dict):
-    """`code(labels, shift)`: the gratings drawn on `labels` with every phase moved by `shift`."""
-    from nnunet_voxshield.method.baselines import grating_code
+def shifted_code(layers: list):
+    """`code(labels)`: the (weight, gratings) layers drawn on `labels` with their phases moved by each of 8 shifts,
+    each layer's shift chosen independently (8 ** layers candidates)."""
+    from nnunet_voxshield.method.baselines import layered_code
 
-    def code(labels, shift):
-        return grating_code(labels, {k: (d, period, phase + shift) for k, (d, period, phase) in gratings.items()})
+    def moved(gratings, shift):
+        return {k: (d, period, phase + shift) for k, (d, period, phase) in gratings.items()}
+
+    def code(labels):
+        return [layered_code(labels, [(w, moved(g, s)) for (w, g), s in zip(layers, shifts)])
+                for shifts in itertools.product(np.arange(8) * np.pi / 4, repeat=len(layers))]
     return code
 
 
@@ -114,7 +120,7 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_voxshield.method.baselines import label_gratings
+    from nnunet_voxshield.method.baselines import GRATING_METHODS, method_gratings
     from nnunet_voxshield.nnunet.env import dataset_name
     from nnunet_voxshield.nnunet.source import load_source
 
@@ -127,8 +133,8 @@ def main(argv=None):
         report = json.loads((src.raw.parent / name / "voxshield.json").read_text())
         method = report["settings"]["method"]
         code = None
-        if method in ("codes", "presence"):
-            code = shifted_code(label_gratings(foreground, report["settings"]["seed"], presence=method == "presence"))
+        if method in GRATING_METHODS:
+            code = shifted_code(method_gratings(method, foreground, report["settings"]["seed"]))
         rows = {}
         for case_index, identifier in enumerate(src.identifiers[:a.cases]):
             x, xp, seg = clean_and_protected(src, name, identifier, pm, cm)

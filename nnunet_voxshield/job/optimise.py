@@ -12,8 +12,8 @@ from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.job.atomic import save_npy
 from nnunet_voxshield.job.cases import PreparedCase
 from nnunet_voxshield.job.run_state import RunState
-from nnunet_voxshield.method.baselines import (classwise_delta, code_delta, grating_code, label_gratings,
-                                                label_textures, uniform_delta)
+from nnunet_voxshield.method.baselines import (GRATING_METHODS, classwise_delta, code_delta, label_textures,
+                                                layered_code, method_gratings, uniform_delta)
 from nnunet_voxshield.method.bilevel import FRESH_PROBE, Bilevel, CaseState, reseed
 from nnunet_voxshield.method.budget import boundary_band
 from nnunet_voxshield.method.generator import GeneratorBilevel
@@ -51,10 +51,10 @@ def baseline_deltas(src: Source, cases: list[PreparedCase], method: str, seed: i
     if method == "classwise":
         textures = label_textures(foreground, len(cases[0].eps_norm), seed)
         return {c.identifier: classwise_delta(c.labels, c.mask, c.eps_norm, textures, c.grid.headroom) for c in cases}
-    if method in ("codes", "presence"):
-        gratings = label_gratings(foreground, seed, presence=method == "presence")
+    if method in GRATING_METHODS:
+        layers = method_gratings(method, foreground, seed)
         clean = src.preprocessed_dataset()
-        return {c.identifier: code_delta(grating_code(np.asarray(clean.load_case(c.identifier)[1])[0], gratings),
+        return {c.identifier: code_delta(layered_code(np.asarray(clean.load_case(c.identifier)[1])[0], layers),
                                          resampler(c.grid), c.eps_norm, c.mask, c.grid.headroom) for c in cases}
     if method in ("random", "uniform"):
         rng = np.random.default_rng(seed)

@@ -18,6 +18,11 @@ itself (shifted)."""
 GRATING_PERIODS = (4.0, 8.0)
 """Voxels of the preprocessed grid; apart by more than nnU-Net's scaling range (0.7-1.4), so that scaling never turns
 one period into the other."""
+GRATING_METHODS = ("codes", "presence", "parity", "twoscale")
+"""The methods whose code is fixed gratings per label on nnU-Net's preprocessed grid."""
+PARITY_DIRECTIONS = tuple((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1) if i or j or k)
+"""The seven codes (-1)^(a.x) of period 2: which axes alternate. Mirroring maps each onto itself (up to sign), and
+each is read from a voxel and its six neighbours, so it marks a label to the voxel, where a longer period cannot."""
 
 
 def uniform_delta(eps: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
@@ -70,6 +75,36 @@ def label_gratings(labels: list[int], seed: int, presence: bool = False) -> dict
         period = GRATING_PERIODS[(i // len(GRATING_DIRECTIONS)) % len(GRATING_PERIODS)]
         out[label] = (direction, period, float(rng.uniform(0, 2 * np.pi)))
     return {label: out[labels[0]] for label in labels} if presence else out
+
+
+def label_parities(labels: list[int], seed: int) -> dict[int, tuple]:
+    """label -> (a, 2, phase 0 or pi): a period-2 parity code per label, in `label_gratings`' form.
+
+    The seed draws which of the seven codes each label gets (and its sign); more than seven labels reuse codes.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(PARITY_DIRECTIONS))
+    return {label: (np.asarray(PARITY_DIRECTIONS[order[i % len(order)]], dtype=np.float64), 2.0,
+                    float(np.pi * rng.integers(2)))
+            for i, label in enumerate(labels)}
+
+
+def method_gratings(method: str, labels: list[int], seed: int) -> list[tuple[float, dict]]:
+    """The fixed code of a grating method (GRATING_METHODS) as (weight, gratings) layers, for `layered_code`.
+
+    `twoscale` gives half the budget to each label's grating, which a victim learns first, and half to its parity
+    code, which says where the label ends.
+    """
+    if method == "twoscale":
+        return [(0.5, label_gratings(labels, seed)), (0.5, label_parities(labels, seed))]
+    if method == "parity":
+        return [(1.0, label_parities(labels, seed))]
+    return [(1.0, label_gratings(labels, seed, presence=method == "presence"))]
+
+
+def layered_code(labels_preprocessed: np.ndarray, layers: list[tuple[float, dict]]) -> np.ndarray:
+    """The weighted sum of the layers' codes on the preprocessed grid (within +-1 when the weights sum to 1)."""
+    return sum(weight * grating_code(labels_preprocessed, gratings) for weight, gratings in layers)
 
 
 def grating_code(labels_preprocessed: np.ndarray, gratings: dict) -> np.ndarray:

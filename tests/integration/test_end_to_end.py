@@ -189,6 +189,35 @@ def test_free_band_refines_the_code_only_next_to_label_boundaries(planned):
     assert (refined[band] != codes[band]).any() and (codes[~band] != 0).sum() > 100
 
 
+def test_parity_codes_are_written_to_the_voxel(planned):
+    """--method parity: the written files carry, on every labelled voxel the clip window leaves room for, a code that
+    alternates along a fixed set of axes per label (distinct between the labels) and nothing elsewhere, and the
+    protected set passes check (period-2 codes survive the int16 export and nnU-Net's preprocessing)."""
+    import SimpleITK as sitk
+    assert protect_cli.main(["-d", str(SRC), "-o", "680", *FAST, "--method", "parity", "--eps", "12/255"]) == 0
+    assert check_cli.main(["-d", str(SRC), "-pd", "680"]) == 0
+    raw = planned["nnUNet_raw"]
+    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+    image = "imagesTr/tiny_000_0000.nii.gz"
+    delta = read(f"Dataset680_TinyVoxShield/{image}") - read(f"Dataset{SRC}_Tiny/{image}")
+    labels = read(f"Dataset{SRC}_Tiny/labelsTr/tiny_000.nii.gz")
+    assert not delta[labels == 0].any()
+    signatures = []
+    for label in (1, 2):
+        on = (labels == label) & (delta != 0)
+        assert on.sum() > 0.9 * (labels == label).sum()
+        signs, signature = np.sign(delta), []
+        for axis in range(3):
+            n = delta.shape[axis]
+            pair = lambda a: (np.take(a, range(0, n - 1), axis), np.take(a, range(1, n), axis))
+            (s0, s1), (on0, on1) = pair(signs), pair(on)
+            products = np.unique((s0 * s1)[on0 & on1])
+            assert len(products) == 1  # this axis alternates everywhere inside the label, or nowhere
+            signature.append(int(products[0]))
+        signatures.append(signature)
+    assert signatures[0] != signatures[1]
+
+
 def test_generator_writes_one_code_resumably_and_refuses_multi_process_runs(planned, capsys):
     """--method generator: a checked dataset within budget, the generator's weights committed with each round (what
     a resumed run continues from), and one line refusing -num_gpus 2."""

@@ -75,3 +75,51 @@ def test_code_pulled_back_through_a_real_resampling_survives_it():
     resample = Resampler((12, 14, 16), (16, 16, 16), (4.0, 1.1, 1.0), (3.0, 1.0, 1.0), {"order": 3, "order_z": 0})
     back = resample(torch.from_numpy(pull_back(code, resample)))
     assert np.corrcoef(back.numpy().ravel(), code.ravel())[0, 1] > 0.8
+
+
+def _neighbour_signs(code: np.ndarray, inside: np.ndarray, axis: int) -> tuple:
+    """The distinct values of code[v] * code[v + e_axis] over pairs of voxels both inside `inside`."""
+    n = code.shape[axis]
+    a, b = (np.take(code, range(0, n - 1), axis), np.take(code, range(1, n), axis))
+    both = np.take(inside, range(0, n - 1), axis) & np.take(inside, range(1, n), axis)
+    return tuple(np.unique((a * b)[both]))
+
+
+def test_parity_codes_alternate_along_their_own_axes_per_label_and_mirror_onto_themselves():
+    from nnunet_voxshield.method.baselines import PARITY_DIRECTIONS, grating_code, label_parities
+    labels = np.zeros((10, 12, 9), dtype=np.int16)
+    labels[:, 2:6], labels[:, 6:11] = 1, 2
+    parities = label_parities([1, 2], seed=0)
+    def flat(codes):
+        return [(tuple(a), period, phase) for a, period, phase in codes.values()]
+    assert flat(label_parities([1, 2], seed=0)) == flat(parities)
+    assert any(flat(label_parities([1, 2], seed=s)) != flat(parities) for s in (1, 2, 3))
+    assert {a for a, _, _ in flat(label_parities(list(range(1, 8)), seed=5))} == set(PARITY_DIRECTIONS)
+    code = grating_code(labels, parities)
+    assert set(np.unique(code[labels > 0])) == {-1.0, 1.0} and not code[labels == 0].any()
+    signatures = set()
+    for label, (a, period, _) in parities.items():
+        assert period == 2.0
+        # read from a voxel and its neighbours: each axis alternates or not, everywhere inside the label
+        signature = tuple(_neighbour_signs(code, labels == label, axis) for axis in range(3))
+        assert signature == tuple((-1.0 if bit else 1.0,) for bit in a)
+        signatures.add(signature)
+        for axis in range(3):  # nnU-Net's mirroring: the same code, at most with its sign flipped
+            mirrored = np.flip(code, axis)[np.flip(labels, axis) == label]
+            redrawn = grating_code(np.flip(labels, axis), parities)[np.flip(labels, axis) == label]
+            assert np.array_equal(mirrored, redrawn) or np.array_equal(mirrored, -redrawn)
+    assert len(signatures) == 2
+
+
+def test_twoscale_gives_half_the_budget_to_the_grating_and_half_to_the_parity_code():
+    from nnunet_voxshield.method.baselines import label_gratings, layered_code, method_gratings
+    labels = np.zeros((16, 16, 16), dtype=np.int16)
+    labels[:, 2:8], labels[:, 8:15] = 1, 2
+    code = layered_code(labels, method_gratings("twoscale", [1, 2], seed=0))
+    assert set(np.unique(code[labels > 0])) == {-1.0, 0.0, 1.0} and not code[labels == 0].any()
+    np.testing.assert_array_equal(code, layered_code(labels, method_gratings("twoscale", [1, 2], seed=0)))
+    # what is left after the grating's half is a parity code: each axis alternates everywhere inside a label, or nowhere
+    rest = code - 0.5 * layered_code(labels, [(1.0, label_gratings([1, 2], seed=0))])
+    assert set(np.unique(np.abs(rest[labels > 0]))) == {0.5}
+    for label in (1, 2):
+        assert all(len(_neighbour_signs(rest, labels == label, axis)) == 1 for axis in range(3))
