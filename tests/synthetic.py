@@ -96,3 +96,12 @@ def tree_hash(folder: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def neighbour_products(values: np.ndarray, inside: np.ndarray, axis: int) -> tuple:
+    """The distinct values of values[v] * values[v + e_axis] over pairs of voxels both inside `inside`: how a
+    period-2 code reads along one axis (one value, -1 or 1, when the axis alternates everywhere or nowhere)."""
+    n = values.shape[axis]
+    a, b = np.take(values, range(0, n - 1), axis), np.take(values, range(1, n), axis)
+    both = np.take(inside, range(0, n - 1), axis) & np.take(inside, range(1, n), axis)
+    return tuple(np.unique((a * b)[both]))

@@ -109,13 +109,12 @@ def layered_code(labels_preprocessed: np.ndarray, layers: list[tuple[float, dict
 
 def grating_code(labels_preprocessed: np.ndarray, gratings: dict) -> np.ndarray:
     """+-1 where a label's grating is on (by its sign), 0 on background: the code on the preprocessed grid."""
-    coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in labels_preprocessed.shape],
-                                  indexing="ij"))
     code = np.zeros(labels_preprocessed.shape, dtype=np.float32)
     for label, (direction, period, phase) in gratings.items():
         where = labels_preprocessed == label
+        coords = np.stack(np.nonzero(where)).astype(np.float64)  # the wave is needed on the label's voxels only
         wave = np.cos(2 * np.pi * np.tensordot(direction, coords, axes=1) / period + phase)
-        code[where] = np.where(wave[where] >= 0, 1.0, -1.0)
+        code[where] = np.where(wave >= 0, 1.0, -1.0)
     return code
 
 

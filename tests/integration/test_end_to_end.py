@@ -14,7 +14,7 @@ import torch
 from nnunet_voxshield.cli import check as check_cli
 from nnunet_voxshield.cli import protect as protect_cli
 from nnunet_voxshield.nnunet.env import plan_and_preprocess
-from synthetic import make_raw_dataset, tree_hash
+from synthetic import make_raw_dataset, neighbour_products, tree_hash
 
 pytestmark = pytest.mark.slow  # real nnU-Net planning and training
 
@@ -206,14 +206,8 @@ def test_parity_codes_are_written_to_the_voxel(planned):
     for label in (1, 2):
         on = (labels == label) & (delta != 0)
         assert on.sum() > 0.9 * (labels == label).sum()
-        signs, signature = np.sign(delta), []
-        for axis in range(3):
-            n = delta.shape[axis]
-            pair = lambda a: (np.take(a, range(0, n - 1), axis), np.take(a, range(1, n), axis))
-            (s0, s1), (on0, on1) = pair(signs), pair(on)
-            products = np.unique((s0 * s1)[on0 & on1])
-            assert len(products) == 1  # this axis alternates everywhere inside the label, or nowhere
-            signature.append(int(products[0]))
+        signature = [neighbour_products(np.sign(delta), on, axis) for axis in range(3)]
+        assert all(len(products) == 1 for products in signature)  # each axis alternates everywhere inside, or nowhere
         signatures.append(signature)
     assert signatures[0] != signatures[1]
 

@@ -2,6 +2,7 @@
 import numpy as np
 
 from nnunet_voxshield.method.baselines import TILE, classwise_delta, label_textures
+from synthetic import neighbour_products
 
 
 def test_textures_are_signs_symmetric_under_flips_and_differ_per_label():
@@ -77,14 +78,6 @@ def test_code_pulled_back_through_a_real_resampling_survives_it():
     assert np.corrcoef(back.numpy().ravel(), code.ravel())[0, 1] > 0.8
 
 
-def _neighbour_signs(code: np.ndarray, inside: np.ndarray, axis: int) -> tuple:
-    """The distinct values of code[v] * code[v + e_axis] over pairs of voxels both inside `inside`."""
-    n = code.shape[axis]
-    a, b = (np.take(code, range(0, n - 1), axis), np.take(code, range(1, n), axis))
-    both = np.take(inside, range(0, n - 1), axis) & np.take(inside, range(1, n), axis)
-    return tuple(np.unique((a * b)[both]))
-
-
 def test_parity_codes_alternate_along_their_own_axes_per_label_and_mirror_onto_themselves():
     from nnunet_voxshield.method.baselines import PARITY_DIRECTIONS, grating_code, label_parities
     labels = np.zeros((10, 12, 9), dtype=np.int16)
@@ -101,7 +94,7 @@ def test_parity_codes_alternate_along_their_own_axes_per_label_and_mirror_onto_t
     for label, (a, period, _) in parities.items():
         assert period == 2.0
         # read from a voxel and its neighbours: each axis alternates or not, everywhere inside the label
-        signature = tuple(_neighbour_signs(code, labels == label, axis) for axis in range(3))
+        signature = tuple(neighbour_products(code, labels == label, axis) for axis in range(3))
         assert signature == tuple((-1.0 if bit else 1.0,) for bit in a)
         signatures.add(signature)
         for axis in range(3):  # nnU-Net's mirroring: the same code, at most with its sign flipped
@@ -122,4 +115,4 @@ def test_twoscale_gives_half_the_budget_to_the_grating_and_half_to_the_parity_co
     rest = code - 0.5 * layered_code(labels, [(1.0, label_gratings([1, 2], seed=0))])
     assert set(np.unique(np.abs(rest[labels > 0]))) == {0.5}
     for label in (1, 2):
-        assert all(len(_neighbour_signs(rest, labels == label, axis)) == 1 for axis in range(3))
+        assert all(len(neighbour_products(rest, labels == label, axis)) == 1 for axis in range(3))
