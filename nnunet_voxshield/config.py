@@ -6,13 +6,16 @@ a field is only ever added with a default that reproduces the old behaviour.
 """
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("voxshield", "random", "classwise", "codes", "presence", "parity", "twoscale", "targeted", "generator")
+METHODS = ("voxshield", "random", "classwise", "codes", "presence", "parity", "twoscale", "levels", "targeted",
+           "generator")
 """voxshield: the paper's bilevel objective; random: uniform noise of the same budget and ROI;
 classwise: one fixed +-eps random texture per label, shared by every case, drawn on the cropped grid;
 codes: one +-eps square-wave grating per label (its own direction and period) drawn on nnU-Net's preprocessed grid;
 presence: one grating for all foreground;
 parity: one +-eps period-2 code (-1)^(a.x) per label, which marks where a label ends to the voxel;
 twoscale: half the budget to each label's grating (codes), half to its parity code;
+levels: each label's voxels moved toward an intensity level of its own (flat, distinct levels: an intensity rule that
+holds on the protected images only);
 targeted: adversarial poisoning, pushing a clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels;
 generator: the paper's objective, optimised through one small conv net that maps every case's label map to its delta."""
 INITS = ("uniform", "codes", "presence")

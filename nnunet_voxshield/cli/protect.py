@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
                         "and ROI; classwise: one fixed +-eps texture per label; codes: one +-eps grating per label on "
                         "nnU-Net's preprocessed grid; presence: one grating for all foreground; parity: one +-eps "
                         "period-2 code (-1)^(a.x) per label, readable to the voxel; twoscale: half the budget to each "
-                        "label's grating, half to its parity code; targeted: push a "
+                        "label's grating, half to its parity code; levels: each label's voxels moved toward an "
+                        "intensity level of its own; targeted: push a "
                         "clean-trained nnU-Net (--warm-start) toward a cyclic shift of the labels; generator: the paper's "
                         "objective through one small conv net mapping every case's labels to its delta")
     p.add_argument("--eps", type=budget, default=None,

@@ -12,8 +12,9 @@ from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.job.atomic import save_npy
 from nnunet_voxshield.job.cases import PreparedCase
 from nnunet_voxshield.job.run_state import RunState
-from nnunet_voxshield.method.baselines import (GRATING_METHODS, classwise_delta, code_delta, label_textures,
-                                                layered_code, method_gratings, uniform_delta)
+from nnunet_voxshield.method.baselines import (GRATING_METHODS, classwise_delta, code_delta, label_levels,
+                                                label_textures, layered_code, level_code, method_gratings,
+                                                uniform_delta)
 from nnunet_voxshield.method.bilevel import FRESH_PROBE, Bilevel, CaseState, reseed
 from nnunet_voxshield.method.budget import boundary_band
 from nnunet_voxshield.method.generator import GeneratorBilevel
@@ -54,8 +55,15 @@ def baseline_deltas(src: Source, cases: list[PreparedCase], method: str, seed: i
     if method in GRATING_METHODS:
         layers = method_gratings(method, foreground, seed)
         clean = src.preprocessed_dataset()
-        return {c.identifier: code_delta(layered_code(np.asarray(clean.load_case(c.identifier)[1])[0], layers),
+        return {c.identifier: code_delta(layered_code(np.asarray(clean.load_case(c.identifier)[1])[0], layers)[None],
                                          resampler(c.grid), c.eps_norm, c.mask, c.grid.headroom) for c in cases}
+    if method == "levels":
+        clean = src.preprocessed_dataset()
+        loaded = {c.identifier: [np.asarray(a) for a in clean.load_case(c.identifier)[:2]] for c in cases}
+        levels = label_levels([x for x, _ in loaded.values()], [s[0] for _, s in loaded.values()], foreground)
+        return {c.identifier: code_delta(level_code(x, s[0], foreground, levels, c.eps_norm), resampler(c.grid),
+                                         c.eps_norm, c.mask, c.grid.headroom)
+                for c, (x, s) in zip(cases, loaded.values())}
     if method in ("random", "uniform"):
         rng = np.random.default_rng(seed)
         return {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}

@@ -23,6 +23,9 @@ GRATING_METHODS = ("codes", "presence", "parity", "twoscale")
 PARITY_DIRECTIONS = tuple((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1) if i or j or k)
 """The seven codes (-1)^(a.x) of period 2: which axes alternate. Mirroring maps each onto itself (up to sign), and
 each is read from a voxel and its six neighbours, so it marks a label to the voxel, where a longer period cannot."""
+LEVEL_SPACING = 0.25
+"""Normalised units between neighbouring labels' intensity levels (`levels`): the voxels of one label end up within
+a few hundredths of its level after nnU-Net renormalises a protected case, far less than this."""
 
 
 def uniform_delta(eps: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
@@ -118,6 +121,57 @@ def grating_code(labels_preprocessed: np.ndarray, gratings: dict) -> np.ndarray:
     return code
 
 
+def label_levels(images: list[np.ndarray], label_maps: list[np.ndarray], labels: list[int],
+                 spacing: float = LEVEL_SPACING) -> np.ndarray:
+    """[len(labels), C] intensity levels, one per label and channel, in nnU-Net's normalised units.
+
+    Per channel: the levels closest (least squares) to the labels' mean intensities over all cases ([C, ...] images,
+    label maps on the same grid) that keep the means' order and lie at least `spacing` apart. Near its label's own
+    intensities, a small budget flattens most of a label onto its level, and no two labels share one.
+    """
+    n_channels = images[0].shape[0]
+    sums, counts = np.zeros((len(labels), n_channels)), np.zeros(len(labels))
+    for image, label_map in zip(images, label_maps):
+        for i, label in enumerate(labels):
+            where = label_map == label
+            sums[i] += image[:, where].sum(1)
+            counts[i] += where.sum()
+    means = sums / np.maximum(counts, 1)[:, None]
+    return np.stack([spread_apart(means[:, c], spacing) for c in range(n_channels)], axis=1)
+
+
+def spread_apart(values: np.ndarray, spacing: float) -> np.ndarray:
+    """The points closest (least squares) to `values` in the same order, neighbours at least `spacing` apart.
+
+    With u_i = t_i - spacing * i over the sorted values the constraint is "u nondecreasing": an isotonic
+    regression, solved exactly by pooling adjacent violators.
+    """
+    order = np.argsort(values, kind="stable")
+    steps = spacing * np.arange(len(values))
+    blocks = []  # [sum, count] of pooled runs, their means nondecreasing
+    for v in values[order] - steps:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
+            total, n = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += n
+    out = np.empty(len(values))
+    out[order] = np.concatenate([np.full(n, total / n) for total, n in blocks]) + steps
+    return out
+
+
+def level_code(image: np.ndarray, label_map: np.ndarray, labels: list[int], levels: np.ndarray,
+               eps: np.ndarray) -> np.ndarray:
+    """[C, ...] code in budget units: inside each label, the step toward its level, (level - x) / eps_c clipped to
+    +-1 (so eps times it lands a voxel on the level where the budget reaches); 0 on background."""
+    code = np.zeros(image.shape, dtype=np.float32)
+    scale = np.asarray(eps, dtype=np.float64)[:, None]
+    for i, label in enumerate(labels):
+        where = label_map == label
+        code[:, where] = np.clip((levels[i][:, None] - image[:, where]) / scale, -1, 1)
+    return code
+
+
 def pull_back(code: np.ndarray, resample) -> np.ndarray:
     """The cropped-grid pattern whose resampling is closest (least squares, axis by axis) to `code` on the
     preprocessed grid; `code` itself when nnU-Net does not resample the case."""
@@ -130,11 +184,11 @@ def pull_back(code: np.ndarray, resample) -> np.ndarray:
 
 def code_delta(code_preprocessed: np.ndarray, resample, eps: np.ndarray, mask: np.ndarray,
                headroom: np.ndarray | None = None) -> torch.Tensor:
-    """delta [C, *mask.shape] on the cropped grid: eps_c times the pulled-back code, projected to the budget, the
-    region and the clip window."""
+    """delta [C, *mask.shape] on the cropped grid: eps_c times the pulled-back code ([1, ...]: one code for every
+    channel, or [C, ...]), projected to the budget, the region and the clip window."""
     bound = torch.from_numpy(np.asarray(eps, dtype=np.float32))
-    pattern = torch.from_numpy(pull_back(code_preprocessed, resample).astype(np.float32))
-    return project(bound.view(-1, 1, 1, 1) * pattern[None], bound, torch.from_numpy(mask), _tensor(headroom))
+    pattern = torch.from_numpy(np.stack([pull_back(c, resample) for c in code_preprocessed]).astype(np.float32))
+    return project(bound.view(-1, 1, 1, 1) * pattern, bound, torch.from_numpy(mask), _tensor(headroom))
 
 
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:

@@ -212,6 +212,26 @@ def test_parity_codes_are_written_to_the_voxel(planned):
     assert signatures[0] != signatures[1]
 
 
+def test_levels_move_each_label_toward_one_intensity_in_the_written_files(planned):
+    """--method levels: in the written files each label's voxels moved toward one intensity of that label's own
+    (every voxel moved up is darker than every voxel moved down), so the label is flatter than in the source, nothing
+    moved outside the labels, and the protected set passes check."""
+    import SimpleITK as sitk
+    assert protect_cli.main(["-d", str(SRC), "-o", "681", *FAST, "--method", "levels", "--eps", "12/255"]) == 0
+    assert check_cli.main(["-d", str(SRC), "-pd", "681"]) == 0
+    raw = planned["nnUNet_raw"]
+    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+    for case in ("tiny_000", "tiny_001"):
+        source = read(f"Dataset{SRC}_Tiny/imagesTr/{case}_0000.nii.gz")
+        delta = read(f"Dataset681_TinyVoxShield/imagesTr/{case}_0000.nii.gz") - source
+        labels = read(f"Dataset{SRC}_Tiny/labelsTr/{case}.nii.gz")
+        assert not delta[labels == 0].any()
+        for label in (1, 2):
+            inside = labels == label
+            assert source[inside & (delta > 0)].max() < source[inside & (delta < 0)].min()
+            assert (source + delta)[inside].std() < 0.8 * source[inside].std()
+
+
 def test_generator_writes_one_code_resumably_and_refuses_multi_process_runs(planned, capsys):
     """--method generator: a checked dataset within budget, the generator's weights committed with each round (what
     a resumed run continues from), and one line refusing -num_gpus 2."""

@@ -57,11 +57,11 @@ def test_code_delta_is_the_grating_within_budget_region_and_window():
     mask = labels > 0
     identity = Resampler(labels.shape, labels.shape, (1, 1, 1), (1, 1, 1), {"order": 3, "order_z": 0})
     eps = np.array([0.2])
-    delta = code_delta(code, identity, eps, mask)
+    delta = code_delta(code[None], identity, eps, mask)
     np.testing.assert_allclose(delta[0].numpy(), 0.2 * code, atol=1e-6)  # no resampling: the code itself
     room = np.zeros((2, 1, *labels.shape), dtype=np.float16)
     room[0], room[1] = -0.05, 0.1
-    clipped = code_delta(code, identity, eps, mask, room)
+    clipped = code_delta(code[None], identity, eps, mask, room)
     assert float(clipped.min()) >= -0.05 - 1e-6 and float(clipped.max()) <= 0.1 + 1e-6
 
 
@@ -116,3 +116,39 @@ def test_twoscale_gives_half_the_budget_to_the_grating_and_half_to_the_parity_co
     assert set(np.unique(np.abs(rest[labels > 0]))) == {0.5}
     for label in (1, 2):
         assert all(len(neighbour_products(rest, labels == label, axis)) == 1 for axis in range(3))
+
+
+def test_levels_are_the_label_means_spread_apart_as_little_as_possible():
+    from nnunet_voxshield.method.baselines import label_levels, spread_apart
+    np.testing.assert_allclose(spread_apart(np.array([0.9, -1.0, 0.1]), 0.25), [0.9, -1.0, 0.1])  # already apart
+    np.testing.assert_allclose(spread_apart(np.array([0.1, 0.0, 0.05]), 0.25), [0.3, -0.2, 0.05])  # centred ladder
+    np.testing.assert_allclose(spread_apart(np.array([0.0, 0.1, 2.0]), 0.25), [-0.075, 0.175, 2.0])  # only the pair
+    rng = np.random.default_rng(0)
+    labels = np.zeros((8, 8, 8), dtype=np.int16)
+    labels[:, :3], labels[:, 3:6] = 1, 2
+    # channel 0: label 1 far brighter than label 2 (levels = means); channel 1: 0.1 apart, the other way round
+    clean = np.stack([np.where(labels == 1, 1.0, 0.2), np.where(labels == 1, -0.05, 0.05)])
+    images = [clean + 0.01 * rng.normal(size=clean.shape) for _ in range(3)]
+    levels = label_levels(images, [labels] * 3, [1, 2], spacing=0.25)
+    means = np.array([[np.mean([x[c][labels == k].mean() for x in images]) for c in range(2)] for k in (1, 2)])
+    np.testing.assert_allclose(levels[:, 0], means[:, 0])
+    np.testing.assert_allclose(levels[1, 1] - levels[0, 1], 0.25)
+    np.testing.assert_allclose(levels[:, 1].mean(), means[:, 1].mean())
+
+
+def test_level_code_moves_each_label_onto_its_level_as_far_as_the_budget_reaches():
+    from nnunet_voxshield.method.baselines import level_code
+    labels = np.zeros((6, 6, 6), dtype=np.int16)
+    labels[:3], labels[3:5] = 1, 2
+    image = np.random.default_rng(1).normal(size=(2, 6, 6, 6))
+    levels, eps = np.array([[0.5, -0.2], [-0.4, 0.1]]), np.array([0.3, 0.6])
+    code = level_code(image, labels, [1, 2], levels, eps)
+    assert code.shape == image.shape and np.abs(code).max() <= 1 and not code[:, labels == 0].any()
+    moved = image + eps[:, None, None, None] * code
+    for i, label in enumerate((1, 2)):
+        for c in range(2):
+            x, y = image[c][labels == label], moved[c][labels == label]
+            reachable = np.abs(levels[i, c] - x) <= eps[c]
+            np.testing.assert_allclose(y[reachable], levels[i, c], atol=1e-6)  # flat where the budget reaches
+            np.testing.assert_allclose(np.abs(y - x)[~reachable], eps[c], atol=1e-6)  # a full step toward it elsewhere
+            assert np.all(np.abs(y - levels[i, c]) <= np.abs(x - levels[i, c]) + 1e-9)

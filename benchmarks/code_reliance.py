@@ -1,0 +1,90 @@
+"""How much of a victim's segmentation the planted perturbation explains on its own.
+
+Unlearnable examples work when the perturbation alone explains the labels, so that training has nothing left to learn
+from the anatomy. This script asks a victim trained on a protected set (fold 0) to segment its own training cases
+from three inputs, on nnU-Net's preprocessed grid with nnU-Net's sliding window (no mirroring):
+
+- protected: the preprocessed protected images it was trained on;
+- clean: the same cases' clean preprocessed images (what the victim would meet in use);
+- perturbation alone: protected minus clean preprocessed image, i.e. the perturbation (in normalised units) on a
+  blank image: nothing of the anatomy is left (up to the protected case's slightly different z-scoring).
+
+High Dice from the perturbation alone means the victim reads the labels off the code; low Dice means it leans on
+the anatomy even where the code is present.
+
+    python benchmarks/code_reliance.py -d 502 -pd 613 619 -tr nnUNetTrainerVS_Short --out results/code_reliance.json
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nnunet_voxshield.nnunet.env import dataset_name, require_env  # noqa: E402
+
+INPUTS = ("protected", "clean", "perturbation alone")
+
+
+def preprocessed(dataset: str, plans: str = "nnUNetPlans", configuration: str = "3d_fullres"):
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    folder = require_env("nnUNet_preprocessed")["nnUNet_preprocessed"] / dataset / f"{plans}_{configuration}"
+    return infer_dataset_class(str(folder))(str(folder))
+
+
+def reliance(source: str, protected: str, trainer: str, checkpoint: str, device) -> dict:
+    """Mean Dice of fold 0's victim on its training cases from each of INPUTS, with per-case values."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunet_voxshield.nnunet.scoring import cases_dice
+    results = require_env("nnUNet_results")["nnUNet_results"]
+    folder = results / protected / f"{trainer}__nnUNetPlans__3d_fullres"
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=device, verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name=checkpoint)
+    splits = json.loads((require_env("nnUNet_preprocessed")["nnUNet_preprocessed"] / protected /
+                         "splits_final.json").read_text())
+    train = sorted(splits[0]["train"])
+    clean_set, protected_set = preprocessed(source), preprocessed(protected)
+    labels = predictor.label_manager.foreground_labels
+    inputs = {name: [] for name in INPUTS}
+    for case in train:
+        x_clean, seg = (np.asarray(a) for a in clean_set.load_case(case)[:2])
+        x_protected, seg_protected = (np.asarray(a) for a in protected_set.load_case(case)[:2])
+        if not np.array_equal(seg, seg_protected):
+            sys.exit(f"{case}: the label maps of {source} and {protected} differ on the preprocessed grid")
+        perturbation = np.where(seg >= 0, x_protected - x_clean, 0)  # nothing outside nnU-Net's nonzero region
+        for name, x in zip(INPUTS, (x_protected, x_clean, perturbation)):
+            inputs[name].append((x, seg))
+    return {"cases": train, **{name: cases_dice(predictor, cases, labels) for name, cases in inputs.items()}}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", required=True, help="clean source dataset (id or name), preprocessed")
+    p.add_argument("-pd", nargs="+", required=True, help="protected datasets with a trained fold-0 victim")
+    p.add_argument("-tr", default="nnUNetTrainerVS_Short", help="the victims' trainer [nnUNetTrainerVS_Short]")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name [checkpoint_final.pth]")
+    p.add_argument("--out", default=None, help="json file for the results")
+    a = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(int(os.environ.get("nnUNet_def_n_proc", 2)))
+    source = dataset_name(a.d)
+    rows = {}
+    for pd in a.pd:
+        protected = dataset_name(pd)
+        rows[protected] = reliance(source, protected, a.tr, a.chk, torch.device("cpu"))
+        print(f"{protected}: " + ", ".join(f"{k} {rows[protected][k]:.3f}" for k in INPUTS), flush=True)
+    result = {"command": "python benchmarks/code_reliance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "source": source, "trainer": a.tr, "checkpoint": a.chk, "victims": rows}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
