@@ -36,8 +36,22 @@ def preprocessed(dataset: str, plans: str = "nnUNetPlans", configuration: str = 
     return infer_dataset_class(str(folder))(str(folder))
 
 
+def reliance_inputs(clean_set, protected_set, cases: list[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """Each of INPUTS as (data [C, ...], seg [1, ...]) per case, from two nnU-Net preprocessed datasets."""
+    inputs = {name: [] for name in INPUTS}
+    for case in cases:
+        x_clean, seg = (np.asarray(a) for a in clean_set.load_case(case)[:2])
+        x_protected, seg_protected = (np.asarray(a) for a in protected_set.load_case(case)[:2])
+        if not np.array_equal(seg, seg_protected):
+            sys.exit(f"{case}: the label maps of the clean and the protected set differ on the preprocessed grid")
+        perturbation = np.where(seg >= 0, x_protected - x_clean, 0)  # nothing outside nnU-Net's nonzero region
+        for name, x in zip(INPUTS, (x_protected, x_clean, perturbation)):
+            inputs[name].append((x, seg))
+    return inputs
+
+
 def reliance(source: str, protected: str, trainer: str, checkpoint: str, device) -> dict:
-    """Mean Dice of fold 0's victim on its training cases from each of INPUTS, with per-case values."""
+    """Mean Dice of fold 0's victim on its training cases (listed) from each of INPUTS."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunet_voxshield.nnunet.scoring import cases_dice
     results = require_env("nnUNet_results")["nnUNet_results"]
@@ -48,17 +62,8 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device)
     splits = json.loads((require_env("nnUNet_preprocessed")["nnUNet_preprocessed"] / protected /
                          "splits_final.json").read_text())
     train = sorted(splits[0]["train"])
-    clean_set, protected_set = preprocessed(source), preprocessed(protected)
+    inputs = reliance_inputs(preprocessed(source), preprocessed(protected), train)
     labels = predictor.label_manager.foreground_labels
-    inputs = {name: [] for name in INPUTS}
-    for case in train:
-        x_clean, seg = (np.asarray(a) for a in clean_set.load_case(case)[:2])
-        x_protected, seg_protected = (np.asarray(a) for a in protected_set.load_case(case)[:2])
-        if not np.array_equal(seg, seg_protected):
-            sys.exit(f"{case}: the label maps of {source} and {protected} differ on the preprocessed grid")
-        perturbation = np.where(seg >= 0, x_protected - x_clean, 0)  # nothing outside nnU-Net's nonzero region
-        for name, x in zip(INPUTS, (x_protected, x_clean, perturbation)):
-            inputs[name].append((x, seg))
     return {"cases": train, **{name: cases_dice(predictor, cases, labels) for name, cases in inputs.items()}}
 
 
