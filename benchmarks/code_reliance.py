@@ -30,12 +30,6 @@ from nnunet_voxshield.nnunet.env import dataset_name, require_env  # noqa: E402
 INPUTS = ("protected", "clean", "perturbation alone")
 
 
-def preprocessed(dataset: str, plans: str = "nnUNetPlans", configuration: str = "3d_fullres"):
-    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-    folder = require_env("nnUNet_preprocessed")["nnUNet_preprocessed"] / dataset / f"{plans}_{configuration}"
-    return infer_dataset_class(str(folder))(str(folder))
-
-
 def reliance_inputs(clean_set, protected_set, cases: list[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """Each of INPUTS as (data [C, ...], seg [1, ...]) per case, from two nnU-Net preprocessed datasets."""
     inputs = {name: [] for name in INPUTS}
@@ -54,6 +48,7 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device)
     """Mean Dice of fold 0's victim on its training cases (listed) from each of INPUTS."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunet_voxshield.nnunet.scoring import cases_dice
+    from nnunet_voxshield.nnunet.source import load_source
     results = require_env("nnUNet_results")["nnUNet_results"]
     folder = results / protected / f"{trainer}__nnUNetPlans__3d_fullres"
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
@@ -62,7 +57,8 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device)
     splits = json.loads((require_env("nnUNet_preprocessed")["nnUNet_preprocessed"] / protected /
                          "splits_final.json").read_text())
     train = sorted(splits[0]["train"])
-    inputs = reliance_inputs(preprocessed(source), preprocessed(protected), train)
+    inputs = reliance_inputs(load_source(source).preprocessed_dataset(train),
+                             load_source(protected).preprocessed_dataset(train), train)
     labels = predictor.label_manager.foreground_labels
     return {"cases": train, **{name: cases_dice(predictor, cases, labels) for name, cases in inputs.items()}}
 
