@@ -10,7 +10,9 @@ from three inputs, on nnU-Net's preprocessed grid with nnU-Net's sliding window 
   blank image: nothing of the anatomy is left (up to the protected case's slightly different z-scoring).
 
 High Dice from the perturbation alone means the victim reads the labels off the code; low Dice means it leans on
-the anatomy even where the code is present.
+the anatomy even where the code is present. On the clean image the script also says how the victim errs, as shares
+of the labelled voxels: labelled voxels called background ("missed": a code acting as a gate that stays shut without
+it), labelled voxels given another label, and background voxels called foreground; and its Dice per label.
 
     python benchmarks/code_reliance.py -d 502 -pd 613 619 -tr nnUNetTrainerVS_Short --out results/code_reliance.json
 """
@@ -23,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nnunet_voxshield.nnunet.env import dataset_name, require_env  # noqa: E402
@@ -44,10 +47,36 @@ def reliance_inputs(clean_set, protected_set, cases: list[str]) -> dict[str, lis
     return inputs
 
 
+def clean_errors(predictions: list[np.ndarray], references: list[np.ndarray], labels) -> dict:
+    """How a victim errs, pooled over cases: shares of the labelled voxels that it calls background ("missed"), that
+    it gives another label, and background voxels it calls foreground; and the mean Dice per label."""
+    from nnunet_voxshield.nnunet.scoring import dice_per_label
+    counts = {"missed": 0, "other label": 0, "false foreground": 0}
+    labelled = 0
+    for prediction, reference in zip(predictions, references):
+        inside = reference > 0
+        labelled += int(inside.sum())
+        counts["missed"] += int((inside & (prediction == 0)).sum())
+        counts["other label"] += int((inside & (prediction > 0) & (prediction != reference)).sum())
+        counts["false foreground"] += int(((reference == 0) & (prediction > 0)).sum())
+    per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
+    per_label = {label: [case[label] for case in per_case if case[label] is not None] for label in labels}
+    return {**{k: v / max(labelled, 1) for k, v in counts.items()},
+            "dice per label": {str(k): float(np.mean(v)) if v else None for k, v in per_label.items()}}
+
+
+@torch.no_grad()
+def predict(predictor, cases) -> list[np.ndarray]:
+    """The victim's label maps of (data, seg) cases, nnU-Net's sliding window without mirroring."""
+    return [predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(x, dtype=np.float32)))
+            .argmax(0).cpu().numpy() for x, _ in cases]
+
+
 def reliance(source: str, protected: str, trainer: str, checkpoint: str, device) -> dict:
-    """Mean Dice of fold 0's victim on its training cases (listed) from each of INPUTS."""
+    """Mean Dice of fold 0's victim on its training cases (listed) from each of INPUTS, and its errors on the clean
+    images."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunet_voxshield.nnunet.scoring import cases_dice
+    from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice
     from nnunet_voxshield.nnunet.source import load_source
     results = require_env("nnUNet_results")["nnUNet_results"]
     folder = results / protected / f"{trainer}__nnUNetPlans__3d_fullres"
@@ -60,7 +89,13 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device)
     inputs = reliance_inputs(load_source(source).preprocessed_dataset(train),
                              load_source(protected).preprocessed_dataset(train), train)
     labels = predictor.label_manager.foreground_labels
-    return {"cases": train, **{name: cases_dice(predictor, cases, labels) for name, cases in inputs.items()}}
+    out = {"cases": train}
+    for name, cases in inputs.items():
+        predictions, references = predict(predictor, cases), [np.asarray(seg)[0] for _, seg in cases]
+        out[name] = mean_dice([dice_per_label(p, r, labels) for p, r in zip(predictions, references)])
+        if name == "clean":
+            out["clean errors"] = clean_errors(predictions, references, labels)
+    return out
 
 
 def main(argv=None):
@@ -71,14 +106,15 @@ def main(argv=None):
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name [checkpoint_final.pth]")
     p.add_argument("--out", default=None, help="json file for the results")
     a = p.parse_args(argv)
-    import torch
     torch.set_num_threads(int(os.environ.get("nnUNet_def_n_proc", 2)))
     source = dataset_name(a.d)
     rows = {}
     for pd in a.pd:
         protected = dataset_name(pd)
         rows[protected] = reliance(source, protected, a.tr, a.chk, torch.device("cpu"))
-        print(f"{protected}: " + ", ".join(f"{k} {rows[protected][k]:.3f}" for k in INPUTS), flush=True)
+        errors = rows[protected]["clean errors"]
+        print(f"{protected}: " + ", ".join(f"{k} {rows[protected][k]:.3f}" for k in INPUTS) + "; on the clean image "
+              + ", ".join(f"{k} {errors[k]:.3f}" for k in ("missed", "other label", "false foreground")), flush=True)
     result = {"command": "python benchmarks/code_reliance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "source": source, "trainer": a.tr, "checkpoint": a.chk, "victims": rows}

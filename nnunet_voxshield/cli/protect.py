@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="voxshield", choices=METHODS,
                    help="voxshield: the paper's bilevel objective (default); random: uniform noise of the same budget "
                         "and ROI; classwise: one fixed +-eps texture per label; codes: one +-eps grating per label on "
-                        "nnU-Net's preprocessed grid; presence: one grating for all foreground; parity: one +-eps "
+                        "nnU-Net's preprocessed grid; presence: one grating for all foreground; absence: one grating "
+                        "on the background (--roi all or dilate:N), none on the labels; parity: one +-eps "
                         "period-2 code (-1)^(a.x) per label, readable to the voxel; twoscale: half the budget to each "
                         "label's grating, half to its parity code; levels: each label's voxels moved toward an "
                         "intensity level of its own; targeted: push a "

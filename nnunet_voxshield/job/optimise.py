@@ -55,15 +55,18 @@ def baseline_deltas(src: Source, cases: list[PreparedCase], method: str, seed: i
     if method in GRATING_METHODS:
         layers = method_gratings(method, foreground, seed)
         clean = src.preprocessed_dataset()
+        # the pulled-back code spills over its region's edge: `absence` keeps it off the labels (the ROI includes them)
         return {c.identifier: code_delta(layered_code(np.asarray(clean.load_case(c.identifier)[1])[0], layers)[None],
-                                         resampler(c.grid), c.eps_norm, c.mask, c.grid.headroom) for c in cases}
+                                         resampler(c.grid), c.eps_norm,
+                                         c.mask & (c.labels == 0) if method == "absence" else c.mask,
+                                         c.grid.headroom) for c in cases}
     if method == "levels":
         clean = src.preprocessed_dataset()
-        loaded = {c.identifier: [np.asarray(a) for a in clean.load_case(c.identifier)[:2]] for c in cases}
-        levels = label_levels([x for x, _ in loaded.values()], [s[0] for _, s in loaded.values()], foreground)
+        loaded = [[np.asarray(a) for a in clean.load_case(c.identifier)[:2]] for c in cases]
+        levels = label_levels([x for x, _ in loaded], [s[0] for _, s in loaded], foreground)
         return {c.identifier: code_delta(level_code(x, s[0], foreground, levels, c.eps_norm), resampler(c.grid),
                                          c.eps_norm, c.mask, c.grid.headroom)
-                for c, (x, s) in zip(cases, loaded.values())}
+                for c, (x, s) in zip(cases, loaded)}
     if method in ("random", "uniform"):
         rng = np.random.default_rng(seed)
         return {c.identifier: uniform_delta(c.eps_norm, c.mask, rng, c.grid.headroom) for c in cases}

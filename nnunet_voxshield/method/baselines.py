@@ -18,7 +18,7 @@ itself (shifted)."""
 GRATING_PERIODS = (4.0, 8.0)
 """Voxels of the preprocessed grid; apart by more than nnU-Net's scaling range (0.7-1.4), so that scaling never turns
 one period into the other."""
-GRATING_METHODS = ("codes", "presence", "parity", "twoscale")
+GRATING_METHODS = ("codes", "presence", "absence", "parity", "twoscale")
 """The methods whose code is fixed gratings per label on nnU-Net's preprocessed grid."""
 PARITY_DIRECTIONS = tuple((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1) if i or j or k)
 """The seven codes (-1)^(a.x) of period 2: which axes alternate. Mirroring maps each onto itself (up to sign), and
@@ -96,8 +96,10 @@ def method_gratings(method: str, labels: list[int], seed: int) -> list[tuple[flo
     """The fixed code of a grating method (GRATING_METHODS) as (weight, gratings) layers, for `layered_code`.
 
     `twoscale` gives half the budget to each label's grating, which a victim learns first, and half to its parity
-    code, which says where the label ends.
+    code, which says where the label ends. `absence` puts the presence grating on the background (label 0) instead.
     """
+    if method == "absence":
+        return [(1.0, {0: label_gratings(labels, seed)[labels[0]]})]
     if method == "twoscale":
         return [(0.5, label_gratings(labels, seed)), (0.5, label_parities(labels, seed))]
     if method == "parity":

@@ -179,6 +179,8 @@ ARGUMENT_CASES = [
     ("reinit_of_targeted", ["-d", SRC, "--method", "targeted", "--warm-start", "x.pth", "--reinit-every", "2"],
      ["0 with --method targeted"]),
     ("free_band_without_a_code", ["-d", SRC, "--free-band", "1"], ["--free-band refines a start", "--init codes"]),
+    ("absence_on_the_labels", ["-d", SRC, "--method", "absence"], ["--method absence codes the background",
+                                                                   "--roi all"]),
 ]
 
 

@@ -22,6 +22,12 @@ SRC, OUT = 991, 691
 FAST = ["-device", "cpu", "--rounds", "2", "--surrogate-iters", "2", "--probe-every", "0"]
 
 
+def read_int(raw: Path, path: str) -> np.ndarray:
+    """A written raw file as int32, so that differences of int16 images do not wrap."""
+    import SimpleITK as sitk
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+
+
 @pytest.fixture(scope="module")
 def planned(nnunet_module_dirs):
     """A tiny anisotropic int16 CT-like dataset, planned and preprocessed by stock nnU-Net."""
@@ -159,13 +165,12 @@ def test_targeted_poisoning_attacks_a_fixed_clean_network(planned, capsys):
 def test_noise_started_from_the_codes_against_a_reinitialised_surrogate(planned):
     """--init codes starts the bilevel loop from the gratings (two steps of a quarter budget cannot flip their sign);
     --reinit-every 1 starts the surrogate over before round 2 with fresh weights drawn from the seed."""
-    import SimpleITK as sitk
     assert protect_cli.main(["-d", str(SRC), "-o", "686", *FAST, "--method", "codes"]) == 0
     assert protect_cli.main(["-d", str(SRC), "-o", "687", *FAST, "--init", "codes", "--reinit-every", "1"]) == 0
     assert check_cli.main(["-d", str(SRC), "-pd", "687"]) == 0
     raw = planned["nnUNet_raw"]
-    read = lambda folder: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / "imagesTr/tiny_000_0000.nii.gz")))
-    source = read(f"Dataset{SRC}_Tiny").astype(np.int32)
+    read = lambda folder: read_int(raw, f"{folder}/imagesTr/tiny_000_0000.nii.gz")
+    source = read(f"Dataset{SRC}_Tiny")
     codes, started = (read(f"Dataset{i}_TinyVoxShield") - source for i in (686, 687))
     on = codes != 0
     assert on.sum() > 100 and (np.sign(started[on]) == np.sign(codes[on])).mean() > 0.95
@@ -176,12 +181,11 @@ def test_free_band_refines_the_code_only_next_to_label_boundaries(planned):
     """--free-band 1 keeps the written code exactly as drawn away from label boundaries and lets the noise steps
     change it on the voxels that touch another label (the band is found on the cropped grid; cropping and nnU-Net's
     transposition do not change which voxels touch another label)."""
-    import SimpleITK as sitk
     from nnunet_voxshield.method.budget import boundary_band
     assert protect_cli.main(["-d", str(SRC), "-o", "682", *FAST, "--method", "codes"]) == 0
     assert protect_cli.main(["-d", str(SRC), "-o", "683", *FAST, "--init", "codes", "--free-band", "1"]) == 0
     raw = planned["nnUNet_raw"]
-    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+    read = lambda path: read_int(raw, path)
     source = read(f"Dataset{SRC}_Tiny/imagesTr/tiny_000_0000.nii.gz")
     codes, refined = (read(f"Dataset{i}_TinyVoxShield/imagesTr/tiny_000_0000.nii.gz") - source for i in (682, 683))
     band = boundary_band(read(f"Dataset{SRC}_Tiny/labelsTr/tiny_000.nii.gz"), 1)
@@ -193,11 +197,10 @@ def test_parity_codes_are_written_to_the_voxel(planned):
     """--method parity: the written files carry, on every labelled voxel the clip window leaves room for, a code that
     alternates along a fixed set of axes per label (distinct between the labels) and nothing elsewhere, and the
     protected set passes check (period-2 codes survive the int16 export and nnU-Net's preprocessing)."""
-    import SimpleITK as sitk
     assert protect_cli.main(["-d", str(SRC), "-o", "680", *FAST, "--method", "parity", "--eps", "12/255"]) == 0
     assert check_cli.main(["-d", str(SRC), "-pd", "680"]) == 0
     raw = planned["nnUNet_raw"]
-    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+    read = lambda path: read_int(raw, path)
     image = "imagesTr/tiny_000_0000.nii.gz"
     delta = read(f"Dataset680_TinyVoxShield/{image}") - read(f"Dataset{SRC}_Tiny/{image}")
     labels = read(f"Dataset{SRC}_Tiny/labelsTr/tiny_000.nii.gz")
@@ -216,11 +219,10 @@ def test_levels_move_each_label_toward_one_intensity_in_the_written_files(planne
     """--method levels: in the written files each label's voxels moved toward one intensity of that label's own
     (every voxel moved up is darker than every voxel moved down), so the label is flatter than in the source, nothing
     moved outside the labels, and the protected set passes check."""
-    import SimpleITK as sitk
     assert protect_cli.main(["-d", str(SRC), "-o", "681", *FAST, "--method", "levels", "--eps", "12/255"]) == 0
     assert check_cli.main(["-d", str(SRC), "-pd", "681"]) == 0
     raw = planned["nnUNet_raw"]
-    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / path))).astype(np.int32)
+    read = lambda path: read_int(raw, path)
     for case in ("tiny_000", "tiny_001"):
         source = read(f"Dataset{SRC}_Tiny/imagesTr/{case}_0000.nii.gz")
         delta = read(f"Dataset681_TinyVoxShield/imagesTr/{case}_0000.nii.gz") - source

@@ -8,12 +8,13 @@ import json
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from nnunet_voxshield.cli import check as check_cli
 from nnunet_voxshield.cli import protect as protect_cli
 from nnunet_voxshield.nnunet import bridge
 from nnunet_voxshield.nnunet.env import plan_and_preprocess
-from synthetic import make_raw_dataset
+from synthetic import make_raw_dataset, tree_hash
 
 pytestmark = pytest.mark.slow  # real nnU-Net planning and preprocessing
 
@@ -89,3 +90,26 @@ def test_zscore_with_the_nonzero_mask(planned):
     assert plans["normalization_schemes"] == ["ZScoreNormalization"] and plans["use_mask_for_norm"] == [True]
     assert protect_cli.main(["-d", str(MASKED), "-o", "784", *FAST, "--roi", "dilate:2"]) == 0
     assert check_cli.main(["-d", str(MASKED), "-pd", "784"]) == 0
+
+
+def test_absence_codes_the_brain_around_the_labels_and_leaves_the_labels_untouched(planned):
+    """--method absence --roi all on a masked z-score set (a skull-stripped brain's layout): in the written files the
+    grating is on most background voxels inside the body, on no labelled voxel and on nothing outside the body (the
+    nonzero mask nnU-Net crops and normalises with stays as it was); check passes; the same seed writes the same
+    files."""
+    command = ["-d", str(MASKED), "-o", "785", *FAST, "--method", "absence", "--roi", "all", "--eps", "8/255"]
+    assert protect_cli.main(command) == 0
+    assert check_cli.main(["-d", str(MASKED), "-pd", "785"]) == 0
+    raw = planned["nnUNet_raw"]
+    for case in ("masked_000", "masked_001", "masked_002"):
+        read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
+        source = read(f"Dataset{MASKED}_Masked", f"imagesTr/{case}_0000.nii.gz")
+        delta = read("Dataset785_MaskedVoxShield", f"imagesTr/{case}_0000.nii.gz") - source
+        labels = read(f"Dataset{MASKED}_Masked", f"labelsTr/{case}.nii.gz")
+        assert not delta[labels > 0].any() and not delta[source == 0].any()
+        background = (labels == 0) & (source != 0)
+        assert (delta[background] != 0).mean() > 0.8
+        assert (delta[background] > 0).mean() == pytest.approx(0.5, abs=0.15)  # a square wave: both signs
+    written = tree_hash(raw / "Dataset785_MaskedVoxShield" / "imagesTr")
+    assert protect_cli.main([*command, "--overwrite"]) == 0
+    assert tree_hash(raw / "Dataset785_MaskedVoxShield" / "imagesTr") == written
