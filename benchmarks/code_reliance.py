@@ -25,7 +25,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nnunet_voxshield.nnunet.env import dataset_name, require_env  # noqa: E402
@@ -47,10 +46,10 @@ def reliance_inputs(clean_set, protected_set, cases: list[str]) -> dict[str, lis
     return inputs
 
 
-def clean_errors(predictions: list[np.ndarray], references: list[np.ndarray], labels) -> dict:
+def clean_errors(predictions: list[np.ndarray], references: list[np.ndarray], per_case: list[dict]) -> dict:
     """How a victim errs, pooled over cases: shares of the labelled voxels that it calls background ("missed"), that
-    it gives another label, and background voxels it calls foreground; and the mean Dice per label."""
-    from nnunet_voxshield.nnunet.scoring import dice_per_label
+    it gives another label, and background voxels it calls foreground; and the mean Dice per label (`per_case`: the
+    cases' `dice_per_label`)."""
     counts = {"missed": 0, "other label": 0, "false foreground": 0}
     labelled = 0
     for prediction, reference in zip(predictions, references):
@@ -59,24 +58,16 @@ def clean_errors(predictions: list[np.ndarray], references: list[np.ndarray], la
         counts["missed"] += int((inside & (prediction == 0)).sum())
         counts["other label"] += int((inside & (prediction > 0) & (prediction != reference)).sum())
         counts["false foreground"] += int(((reference == 0) & (prediction > 0)).sum())
-    per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
-    per_label = {label: [case[label] for case in per_case if case[label] is not None] for label in labels}
+    per_label = {label: [case[label] for case in per_case if case[label] is not None] for label in per_case[0]}
     return {**{k: v / max(labelled, 1) for k, v in counts.items()},
             "dice per label": {str(k): float(np.mean(v)) if v else None for k, v in per_label.items()}}
-
-
-@torch.no_grad()
-def predict(predictor, cases) -> list[np.ndarray]:
-    """The victim's label maps of (data, seg) cases, nnU-Net's sliding window without mirroring."""
-    return [predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-            .argmax(0).cpu().numpy() for x, _ in cases]
 
 
 def reliance(source: str, protected: str, trainer: str, checkpoint: str, device) -> dict:
     """Mean Dice of fold 0's victim on its training cases (listed) from each of INPUTS, and its errors on the clean
     images."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice
+    from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice, predict_cases
     from nnunet_voxshield.nnunet.source import load_source
     results = require_env("nnUNet_results")["nnUNet_results"]
     folder = results / protected / f"{trainer}__nnUNetPlans__3d_fullres"
@@ -91,10 +82,11 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device)
     labels = predictor.label_manager.foreground_labels
     out = {"cases": train}
     for name, cases in inputs.items():
-        predictions, references = predict(predictor, cases), [np.asarray(seg)[0] for _, seg in cases]
-        out[name] = mean_dice([dice_per_label(p, r, labels) for p, r in zip(predictions, references)])
+        predictions, references = predict_cases(predictor, cases), [np.asarray(seg)[0] for _, seg in cases]
+        per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
+        out[name] = mean_dice(per_case)
         if name == "clean":
-            out["clean errors"] = clean_errors(predictions, references, labels)
+            out["clean errors"] = clean_errors(predictions, references, per_case)
     return out
 
 
@@ -106,6 +98,7 @@ def main(argv=None):
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name [checkpoint_final.pth]")
     p.add_argument("--out", default=None, help="json file for the results")
     a = p.parse_args(argv)
+    import torch
     torch.set_num_threads(int(os.environ.get("nnUNet_def_n_proc", 2)))
     source = dataset_name(a.d)
     rows = {}

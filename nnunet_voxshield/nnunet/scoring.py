@@ -30,10 +30,13 @@ def mean_dice(per_case: list[dict]) -> float | None:
 
 
 @torch.no_grad()
+def predict_cases(predictor, cases) -> list[np.ndarray]:
+    """The network's label map of each case ((data [C, ...], seg [1, ...]) on the preprocessed grid)."""
+    return [predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data, dtype=np.float32)))
+            .argmax(0).cpu().numpy() for data, _ in cases]
+
+
 def cases_dice(predictor, cases, labels) -> float | None:
     """Mean Dice over `cases` ((data [C, ...], seg [1, ...]) on the preprocessed grid) and labels."""
-    per_case = []
-    for data, seg in cases:
-        logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data, dtype=np.float32)))
-        per_case.append(dice_per_label(logits.argmax(0).cpu().numpy(), np.asarray(seg)[0], labels))
-    return mean_dice(per_case)
+    return mean_dice([dice_per_label(p, np.asarray(seg)[0], labels)
+                      for p, (_, seg) in zip(predict_cases(predictor, cases), cases)])

@@ -42,9 +42,11 @@ def test_different_label_maps_stop_the_script():
 def test_clean_errors_split_the_labelled_voxels_into_missed_and_mislabelled():
     """Shares of the labelled voxels pooled over cases; voxels outside nnU-Net's region (-1) count nowhere."""
     from code_reliance import clean_errors
+    from nnunet_voxshield.nnunet.scoring import dice_per_label
     reference = np.array([[0, 0, 1, 1], [2, 2, 2, -1]])
     prediction = np.array([[1, 0, 0, 1], [2, 1, 0, 2]])
-    errors = clean_errors([prediction, prediction], [reference, reference], [1, 2])
+    errors = clean_errors([prediction, prediction], [reference, reference], [dice_per_label(prediction, reference,
+                                                                                              [1, 2])] * 2)
     assert errors["missed"] == pytest.approx(2 / 5)  # one voxel of label 1 and one of label 2 called background
     assert errors["other label"] == pytest.approx(1 / 5)
     assert errors["false foreground"] == pytest.approx(1 / 5)

@@ -101,8 +101,8 @@ def test_absence_codes_the_brain_around_the_labels_and_leaves_the_labels_untouch
     assert protect_cli.main(command) == 0
     assert check_cli.main(["-d", str(MASKED), "-pd", "785"]) == 0
     raw = planned["nnUNet_raw"]
+    read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
     for case in ("masked_000", "masked_001", "masked_002"):
-        read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
         source = read(f"Dataset{MASKED}_Masked", f"imagesTr/{case}_0000.nii.gz")
         delta = read("Dataset785_MaskedVoxShield", f"imagesTr/{case}_0000.nii.gz") - source
         labels = read(f"Dataset{MASKED}_Masked", f"labelsTr/{case}.nii.gz")
