@@ -6,13 +6,15 @@ a field is only ever added with a default that reproduces the old behaviour.
 """
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("voxshield", "random", "classwise", "codes", "presence", "absence", "parity", "twoscale", "levels",
+METHODS = ("voxshield", "random", "classwise", "codes", "presence", "absence", "rim", "parity", "twoscale", "levels",
            "targeted", "generator")
 """voxshield: the paper's bilevel objective; random: uniform noise of the same budget and ROI;
 classwise: one fixed +-eps random texture per label, shared by every case, drawn on the cropped grid;
 codes: one +-eps square-wave grating per label (its own direction and period) drawn on nnU-Net's preprocessed grid;
 presence: one grating for all foreground;
 absence: one grating on the background inside --roi (all or dilate:N) and none on the labels: "no code" marks them;
+rim: the presence grating on the labels and a second grating (another direction and period) on the background inside
+--roi (all or dilate:N), so that a code marks both sides of every label edge;
 parity: one +-eps period-2 code (-1)^(a.x) per label, which marks where a label ends to the voxel;
 twoscale: half the budget to each label's grating (codes), half to its parity code;
 levels: each label's voxels moved toward an intensity level of its own (flat, distinct levels: an intensity rule that

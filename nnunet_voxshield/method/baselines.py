@@ -18,7 +18,7 @@ itself (shifted)."""
 GRATING_PERIODS = (4.0, 8.0)
 """Voxels of the preprocessed grid; apart by more than nnU-Net's scaling range (0.7-1.4), so that scaling never turns
 one period into the other."""
-GRATING_METHODS = ("codes", "presence", "absence", "parity", "twoscale")
+GRATING_METHODS = ("codes", "presence", "absence", "rim", "parity", "twoscale")
 """The methods whose code is fixed gratings per label on nnU-Net's preprocessed grid."""
 PARITY_DIRECTIONS = tuple((i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1) if i or j or k)
 """The seven codes (-1)^(a.x) of period 2: which axes alternate. Mirroring maps each onto itself (up to sign), and
@@ -80,6 +80,13 @@ def label_gratings(labels: list[int], seed: int, presence: bool = False) -> dict
     return {label: out[labels[0]] for label in labels} if presence else out
 
 
+def background_grating(seed: int) -> tuple:
+    """The background's code under `rim`, in `label_gratings`' form: another direction and period than the presence
+    grating (label_gratings' first), so that neither mirroring nor nnU-Net's scaling turns one into the other."""
+    phase = np.random.default_rng([seed, 1]).uniform(0, 2 * np.pi)
+    return np.asarray(GRATING_DIRECTIONS[1], dtype=np.float64), GRATING_PERIODS[1], float(phase)
+
+
 def label_parities(labels: list[int], seed: int) -> dict[int, tuple]:
     """label -> (a, 2, phase 0 or pi): a period-2 parity code per label, in `label_gratings`' form.
 
@@ -96,10 +103,13 @@ def method_gratings(method: str, labels: list[int], seed: int) -> list[tuple[flo
     """The fixed code of a grating method (GRATING_METHODS) as (weight, gratings) layers, for `layered_code`.
 
     `twoscale` gives half the budget to each label's grating, which a victim learns first, and half to its parity
-    code, which says where the label ends. `absence` puts the presence grating on the background (label 0) instead.
+    code, which says where the label ends. `absence` puts the presence grating on the background (label 0) instead;
+    `rim` keeps it on the labels and gives the background a code of its own, so both sides of a label's edge carry one.
     """
     if method == "absence":
         return [(1.0, {0: label_gratings(labels, seed)[labels[0]]})]
+    if method == "rim":
+        return [(1.0, {**label_gratings(labels, seed, presence=True), 0: background_grating(seed)})]
     if method == "twoscale":
         return [(0.5, label_gratings(labels, seed)), (0.5, label_parities(labels, seed))]
     if method == "parity":

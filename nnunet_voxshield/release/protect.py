@@ -31,8 +31,8 @@ def validate(s: ProtectSettings) -> None:
     parse_roi(s.roi)
     if s.method not in METHODS:
         raise VoxShieldError(f"--method must be one of {', '.join(METHODS)}; got {s.method!r}")
-    if s.method == "absence" and parse_roi(s.roi)[0] == "label":
-        raise VoxShieldError("--method absence codes the background around the labels: pass --roi all (every "
+    if s.method in ("absence", "rim") and parse_roi(s.roi)[0] == "label":
+        raise VoxShieldError(f"--method {s.method} codes the background around the labels: pass --roi all (every "
                              "nonzero voxel) or --roi dilate:N (a rim of N voxels)")
     if s.method == "targeted" and not s.warm_start:
         raise VoxShieldError("--method targeted pushes a clean-trained nnU-Net toward other labels: pass its "

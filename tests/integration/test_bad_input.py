@@ -181,6 +181,7 @@ ARGUMENT_CASES = [
     ("free_band_without_a_code", ["-d", SRC, "--free-band", "1"], ["--free-band refines a start", "--init codes"]),
     ("absence_on_the_labels", ["-d", SRC, "--method", "absence"], ["--method absence codes the background",
                                                                    "--roi all"]),
+    ("rim_on_the_labels", ["-d", SRC, "--method", "rim"], ["--method rim codes the background", "--roi all"]),
 ]
 
 

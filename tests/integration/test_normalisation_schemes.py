@@ -113,3 +113,23 @@ def test_absence_codes_the_brain_around_the_labels_and_leaves_the_labels_untouch
     written = tree_hash(raw / "Dataset785_MaskedVoxShield" / "imagesTr")
     assert protect_cli.main([*command, "--overwrite"]) == 0
     assert tree_hash(raw / "Dataset785_MaskedVoxShield" / "imagesTr") == written
+
+
+def test_rim_codes_the_labels_and_a_background_rim_and_nothing_beyond(planned):
+    """--method rim --roi dilate:2: in the written files the labels and a rim of background two voxels deep carry the
+    code (most voxels moved, both signs), nothing beyond the rim moves; check passes."""
+    from scipy.ndimage import binary_dilation
+    assert protect_cli.main(["-d", str(MASKED), "-o", "786", *FAST, "--method", "rim", "--roi", "dilate:2",
+                             "--eps", "8/255"]) == 0
+    assert check_cli.main(["-d", str(MASKED), "-pd", "786"]) == 0
+    raw = planned["nnUNet_raw"]
+    read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
+    for case in ("masked_000", "masked_001", "masked_002"):
+        source = read(f"Dataset{MASKED}_Masked", f"imagesTr/{case}_0000.nii.gz")
+        delta = read("Dataset786_MaskedVoxShield", f"imagesTr/{case}_0000.nii.gz") - source
+        labels = read(f"Dataset{MASKED}_Masked", f"labelsTr/{case}.nii.gz")
+        grown = binary_dilation(labels > 0, iterations=2)
+        assert not delta[~grown].any()
+        for region in (labels > 0, grown & (labels == 0) & (source != 0)):
+            assert (delta[region] != 0).mean() > 0.8
+            assert (delta[region] > 0).mean() == pytest.approx(0.5, abs=0.15)

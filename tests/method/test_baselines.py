@@ -118,6 +118,25 @@ def test_twoscale_gives_half_the_budget_to_the_grating_and_half_to_the_parity_co
         assert all(len(neighbour_products(rest, labels == label, axis)) == 1 for axis in range(3))
 
 
+def test_rim_keeps_the_presence_grating_on_the_labels_and_gives_the_background_another():
+    from nnunet_voxshield.method.baselines import GRATING_PERIODS, layered_code, method_gratings
+    labels = np.zeros((16, 16, 16), dtype=np.int16)
+    labels[4:12, 2:8, 3:13], labels[4:12, 8:14, 3:13] = 1, 2
+    code = layered_code(labels, method_gratings("rim", [1, 2], seed=0))
+    presence = layered_code(labels, method_gratings("presence", [1, 2], seed=0))
+    np.testing.assert_array_equal(code[labels > 0], presence[labels > 0])
+    assert set(np.unique(code)) == {-1.0, 1.0}  # a square wave on every voxel, background included
+    np.testing.assert_array_equal(code, layered_code(labels, method_gratings("rim", [1, 2], seed=0)))
+    assert not np.array_equal(code, layered_code(labels, method_gratings("rim", [1, 2], seed=1)))
+    # the background's grating runs along another axis, with the longer period: constant along the presence axis (0)
+    # and repeating every GRATING_PERIODS[1] voxels along axis 1
+    background = np.where(labels == 0, code, np.nan)[:, :, 0]
+    np.testing.assert_array_equal(background, np.broadcast_to(background[:1], background.shape))
+    period = int(GRATING_PERIODS[1])
+    np.testing.assert_array_equal(background[:, period:], background[:, :-period])
+    assert not np.array_equal(background[:, period // 2:], background[:, :-(period // 2)])
+
+
 def test_levels_are_the_label_means_spread_apart_as_little_as_possible():
     from nnunet_voxshield.method.baselines import label_levels, spread_apart
     np.testing.assert_allclose(spread_apart(np.array([0.9, -1.0, 0.1]), 0.25), [0.9, -1.0, 0.1])  # already apart
