@@ -48,6 +48,17 @@ def _report(dirs, dataset_id) -> dict:
     return json.loads((next(dirs["nnUNet_raw"].glob(f"Dataset{dataset_id}_*")) / "voxshield.json").read_text())
 
 
+def _written_masked_cases(dirs, dataset_id):
+    """(source image, written image - source, labels) of each training case of the masked set, as written by protect
+    into Dataset<dataset_id>_MaskedVoxShield."""
+    raw = dirs["nnUNet_raw"]
+    read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
+    for case in ("masked_000", "masked_001", "masked_002"):
+        source = read(f"Dataset{MASKED}_Masked", f"imagesTr/{case}_0000.nii.gz")
+        delta = read(f"Dataset{dataset_id}_MaskedVoxShield", f"imagesTr/{case}_0000.nii.gz") - source
+        yield source, delta, read(f"Dataset{MASKED}_Masked", f"labelsTr/{case}.nii.gz")
+
+
 def test_ct_with_roi_all_survives_the_clip_window(planned):
     plans = _plans(planned, f"Dataset{CT}_Chest")
     assert plans["normalization_schemes"] == ["CTNormalization"]
@@ -100,19 +111,15 @@ def test_absence_codes_the_brain_around_the_labels_and_leaves_the_labels_untouch
     command = ["-d", str(MASKED), "-o", "785", *FAST, "--method", "absence", "--roi", "all", "--eps", "8/255"]
     assert protect_cli.main(command) == 0
     assert check_cli.main(["-d", str(MASKED), "-pd", "785"]) == 0
-    raw = planned["nnUNet_raw"]
-    read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
-    for case in ("masked_000", "masked_001", "masked_002"):
-        source = read(f"Dataset{MASKED}_Masked", f"imagesTr/{case}_0000.nii.gz")
-        delta = read("Dataset785_MaskedVoxShield", f"imagesTr/{case}_0000.nii.gz") - source
-        labels = read(f"Dataset{MASKED}_Masked", f"labelsTr/{case}.nii.gz")
+    for source, delta, labels in _written_masked_cases(planned, 785):
         assert not delta[labels > 0].any() and not delta[source == 0].any()
         background = (labels == 0) & (source != 0)
         assert (delta[background] != 0).mean() > 0.8
         assert (delta[background] > 0).mean() == pytest.approx(0.5, abs=0.15)  # a square wave: both signs
-    written = tree_hash(raw / "Dataset785_MaskedVoxShield" / "imagesTr")
+    written = planned["nnUNet_raw"] / "Dataset785_MaskedVoxShield" / "imagesTr"
+    before = tree_hash(written)
     assert protect_cli.main([*command, "--overwrite"]) == 0
-    assert tree_hash(raw / "Dataset785_MaskedVoxShield" / "imagesTr") == written
+    assert tree_hash(written) == before
 
 
 def test_rim_codes_the_labels_and_a_background_rim_and_nothing_beyond(planned):
@@ -122,12 +129,7 @@ def test_rim_codes_the_labels_and_a_background_rim_and_nothing_beyond(planned):
     assert protect_cli.main(["-d", str(MASKED), "-o", "786", *FAST, "--method", "rim", "--roi", "dilate:2",
                              "--eps", "8/255"]) == 0
     assert check_cli.main(["-d", str(MASKED), "-pd", "786"]) == 0
-    raw = planned["nnUNet_raw"]
-    read = lambda folder, sub: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / sub)))
-    for case in ("masked_000", "masked_001", "masked_002"):
-        source = read(f"Dataset{MASKED}_Masked", f"imagesTr/{case}_0000.nii.gz")
-        delta = read("Dataset786_MaskedVoxShield", f"imagesTr/{case}_0000.nii.gz") - source
-        labels = read(f"Dataset{MASKED}_Masked", f"labelsTr/{case}.nii.gz")
+    for source, delta, labels in _written_masked_cases(planned, 786):
         grown = binary_dilation(labels > 0, iterations=2)
         assert not delta[~grown].any()
         for region in (labels > 0, grown & (labels == 0) & (source != 0)):
