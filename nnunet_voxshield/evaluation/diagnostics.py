@@ -21,6 +21,11 @@ ENV = "VOXSHIELD_DIAGNOSTICS"
 CURVES = "voxshield_curves.json"
 
 
+def read_curve(fold_folder: Path) -> list[dict]:
+    f = Path(fold_folder) / CURVES
+    return json.loads(f.read_text())["curve"] if f.is_file() else []
+
+
 class Diagnostics:
     """What one victim measures on itself; built from the VOXSHIELD_DIAGNOSTICS file at the start of training."""
 
@@ -32,11 +37,13 @@ class Diagnostics:
                                               trainer.configuration_manager, trainer.dataset_json)[:2]
                         for c in spec["heldout"]]  # clean scans, preprocessed with the victim's own plans
         train_set = trainer.get_tr_and_val_datasets()[0]
-        self.train = [train_set.load_case(i)[:2] for i in sorted(train_set.identifiers)[:int(spec.get("train_cases", 4))]]
+        first = sorted(train_set.identifiers)[:int(spec.get("train_cases", 4))]
+        self.train = [train_set.load_case(i)[:2] for i in first]
         self.predictor = case_predictor(trainer.network, trainer.plans_manager, trainer.configuration_manager,
                                         trainer.dataset_json, type(trainer).__name__, trainer.device)
         self.file = Path(trainer.output_folder) / CURVES
-        self.curve = []
+        # `nnUNetv2_train --c` restarts from checkpoint_latest: keep the points recorded up to it, drop later ones
+        self.curve = [p for p in read_curve(trainer.output_folder) if p["epoch"] <= trainer.current_epoch]
 
     @classmethod
     def from_env(cls, trainer) -> "Diagnostics | None":
@@ -70,8 +77,3 @@ class DiagnosedTraining:
         super().on_epoch_end()  # nnU-Net counts the finished epoch here
         if self.diagnostics is not None and self.diagnostics.due(self.current_epoch, self.num_epochs):
             self.diagnostics.record(self, self.current_epoch)
-
-
-def read_curve(fold_folder: Path) -> list[dict]:
-    f = Path(fold_folder) / CURVES
-    return json.loads(f.read_text())["curve"] if f.is_file() else []

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nnunet_voxshield.evaluation import evaluate as ev
 from nnunet_voxshield.cli.evaluate import main
@@ -81,6 +82,27 @@ def test_every_victim_records_the_shortcut_diagnostics(evaluated):
         for point in r["curve"]:
             assert np.isfinite(point["train_loss"])
             assert 0 <= point["dice_own_training_cases"] <= 1 and 0 <= point["dice_clean_heldout"] <= 1
+
+
+@pytest.mark.slow
+def test_a_resumed_victim_keeps_the_curve_points_recorded_before_its_checkpoint(evaluated):
+    """A run killed after epoch 1 and resumed with `nnUNetv2_train --c` keeps epoch 1's point and records epoch 2 anew.
+    Played on a copy of a finished clean run under the seed-1 plans, so the fixture's runs stay as they are."""
+    results = evaluated["dirs"]["nnUNet_results"] / "Dataset701_Tiny"
+    finished = results / f"{VICTIMS[0]}__nnUNetPlans__3d_fullres" / "fold_0"
+    fold = results / f"{VICTIMS[0]}__{ev.seed_plans('Dataset701_Tiny', 'nnUNetPlans', 1)}__3d_fullres" / "fold_0"
+    fold.mkdir(parents=True)
+    checkpoint = torch.load(finished / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["current_epoch"] = 1  # as nnU-Net saves it after one finished epoch
+    torch.save(checkpoint, fold / "checkpoint_latest.pth")
+    before = json.loads((finished / "voxshield_curves.json").read_text())
+    before["curve"][1]["train_loss"] = 99.0  # a point of the lost epoch 2: must be replaced, not kept
+    (fold / "voxshield_curves.json").write_text(json.dumps(before))
+    ev.run_nnunet(["nnUNetv2_train", "701", "3d_fullres", "0", "-tr", VICTIMS[0], "-p", "nnUNetPlans_seed1",
+                   "-device", "cpu", "--c"], extra_env={ev.DIAGNOSTICS_ENV: str(evaluated["out"] / "diagnostics.json")})
+    after = ev.read_curve(fold)
+    assert [p["epoch"] for p in after] == [1, 2]
+    assert after[0] == before["curve"][0] and after[1]["train_loss"] != 99.0
 
 
 @pytest.mark.slow
