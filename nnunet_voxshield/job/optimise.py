@@ -12,9 +12,9 @@ from nnunet_voxshield.errors import VoxShieldError
 from nnunet_voxshield.job.atomic import save_npy
 from nnunet_voxshield.job.cases import PreparedCase
 from nnunet_voxshield.job.run_state import RunState
-from nnunet_voxshield.method.baselines import (GRATING_METHODS, classwise_delta, code_delta, label_levels,
-                                                label_textures, layered_code, level_code, method_gratings,
-                                                uniform_delta)
+from nnunet_voxshield.method.baselines import (GRATING_METHODS, classwise_delta, code_delta, coded_region,
+                                                label_levels, label_textures, layered_code, level_code,
+                                                method_gratings, uniform_delta)
 from nnunet_voxshield.method.bilevel import FRESH_PROBE, Bilevel, CaseState, reseed
 from nnunet_voxshield.method.budget import boundary_band
 from nnunet_voxshield.method.generator import GeneratorBilevel
@@ -55,10 +55,8 @@ def baseline_deltas(src: Source, cases: list[PreparedCase], method: str, seed: i
     if method in GRATING_METHODS:
         layers = method_gratings(method, foreground, seed)
         clean = src.preprocessed_dataset()
-        # the pulled-back code spills over its region's edge: `absence` keeps it off the labels (the ROI includes them)
         return {c.identifier: code_delta(layered_code(np.asarray(clean.load_case(c.identifier)[1])[0], layers)[None],
-                                         resampler(c.grid), c.eps_norm,
-                                         c.mask & (c.labels == 0) if method == "absence" else c.mask,
+                                         resampler(c.grid), c.eps_norm, coded_region(layers, c.labels, c.mask),
                                          c.grid.headroom) for c in cases}
     if method == "levels":
         clean = src.preprocessed_dataset()

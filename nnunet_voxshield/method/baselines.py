@@ -122,6 +122,13 @@ def layered_code(labels_preprocessed: np.ndarray, layers: list[tuple[float, dict
     return sum(weight * grating_code(labels_preprocessed, gratings) for weight, gratings in layers)
 
 
+def coded_region(layers: list[tuple[float, dict]], labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Where a grating method's code may be written on the raw grid: the ROI voxels whose label carries a code.
+    Pulled back from the preprocessed grid, a code spills over its labels' edges; this keeps `absence`'s off the
+    labels and the label codes off whatever background a wider ROI adds."""
+    return mask & np.isin(labels, sorted({label for _, gratings in layers for label in gratings}))
+
+
 def grating_code(labels_preprocessed: np.ndarray, gratings: dict) -> np.ndarray:
     """+-1 where a label's grating is on (by its sign), 0 on background: the code on the preprocessed grid."""
     code = np.zeros(labels_preprocessed.shape, dtype=np.float32)

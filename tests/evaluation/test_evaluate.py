@@ -90,7 +90,8 @@ def test_a_resumed_victim_keeps_the_curve_points_recorded_before_its_checkpoint(
     Played on a copy of a finished clean run under the seed-1 plans, so the fixture's runs stay as they are."""
     results = evaluated["dirs"]["nnUNet_results"] / "Dataset701_Tiny"
     finished = results / f"{VICTIMS[0]}__nnUNetPlans__3d_fullres" / "fold_0"
-    fold = results / f"{VICTIMS[0]}__{ev.seed_plans('Dataset701_Tiny', 'nnUNetPlans', 1)}__3d_fullres" / "fold_0"
+    plans = ev.seed_plans("Dataset701_Tiny", "nnUNetPlans", 1)
+    fold = results / f"{VICTIMS[0]}__{plans}__3d_fullres" / "fold_0"
     fold.mkdir(parents=True)
     checkpoint = torch.load(finished / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     checkpoint["current_epoch"] = 1  # as nnU-Net saves it after one finished epoch
@@ -98,7 +99,7 @@ def test_a_resumed_victim_keeps_the_curve_points_recorded_before_its_checkpoint(
     before = json.loads((finished / "voxshield_curves.json").read_text())
     before["curve"][1]["train_loss"] = 99.0  # a point of the lost epoch 2: must be replaced, not kept
     (fold / "voxshield_curves.json").write_text(json.dumps(before))
-    ev.run_nnunet(["nnUNetv2_train", "701", "3d_fullres", "0", "-tr", VICTIMS[0], "-p", "nnUNetPlans_seed1",
+    ev.run_nnunet(["nnUNetv2_train", "701", "3d_fullres", "0", "-tr", VICTIMS[0], "-p", plans,
                    "-device", "cpu", "--c"], extra_env={ev.DIAGNOSTICS_ENV: str(evaluated["out"] / "diagnostics.json")})
     after = ev.read_curve(fold)
     assert [p["epoch"] for p in after] == [1, 2]

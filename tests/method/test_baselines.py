@@ -171,3 +171,14 @@ def test_level_code_moves_each_label_onto_its_level_as_far_as_the_budget_reaches
             np.testing.assert_allclose(y[reachable], levels[i, c], atol=1e-6)  # flat where the budget reaches
             np.testing.assert_allclose(np.abs(y - x)[~reachable], eps[c], atol=1e-6)  # a full step toward it elsewhere
             assert np.all(np.abs(y - levels[i, c]) <= np.abs(x - levels[i, c]) + 1e-9)
+
+
+def test_each_grating_code_is_written_only_on_the_labels_that_carry_it_inside_the_roi():
+    from nnunet_voxshield.method.baselines import coded_region, method_gratings
+    labels = np.zeros((6, 6, 6), dtype=np.int16)
+    labels[1:5, 1:3, 1:5], labels[1:5, 3:5, 1:5] = 1, 2
+    roi = np.ones(labels.shape, dtype=bool)
+    roi[0] = False
+    for method, region in (("presence", labels > 0), ("codes", labels > 0), ("absence", labels == 0),
+                           ("rim", np.ones(labels.shape, dtype=bool))):
+        np.testing.assert_array_equal(coded_region(method_gratings(method, [1, 2], seed=0), labels, roi), region & roi)
