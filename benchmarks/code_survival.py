@@ -11,8 +11,13 @@ direction and period), averaged over the labels by voxel count.
 So a grating that rotation turns into another direction, or scaling into another period, scores low: a filter tuned
 to the code would miss it. "stock pipeline" applies the whole pipeline with nnU-Net's probabilities. Only label
 codes (codes, presence, parity) have a canonical form to compare with; for other methods spatial steps are not scored.
+`--attacks` adds the adaptive attackers' own transforms (by their trainer names, nnUNetTrainerVS_<name>), which keep
+voxels in place: for those and every intensity step, "amplitude" is also recorded, the root mean square of
+T(x + d) - T(x) over that of d on the foreground, since a filter that keeps a code's shape but not its strength (a blur
+on a grating) shows a high correlation and a low amplitude.
 
     python benchmarks/code_survival.py -d 502 -pd 602 603 --draws 16
+    python benchmarks/code_survival.py -d 502 -pd 624 --attacks ISS Blur3D Median LowPassZ --draws 4
 """
 import argparse
 import itertools
@@ -54,6 +59,17 @@ def transforms(trainer_cls, patch_size, rotation, mirror_axes):
     return steps + [("stock pipeline", pipeline, None)]
 
 
+def attacks(names: list[str]) -> list:
+    """(name, transform, False) for each named adaptive attacker: the attack its trainer runs on every sample."""
+    from nnunet_voxshield_trainers.nnUNetTrainerVoxShieldVictims import VICTIMS
+    unknown = [n for n in names if not hasattr(VICTIMS.get(n, (object,))[0], "attack")]
+    if unknown:
+        raise SystemExit(f"no attacker named {unknown}; choose from "
+                         f"{[n for n, (cls, _) in VICTIMS.items() if hasattr(cls, 'attack')]}")
+    # an attack reads only its class's settings, so it is built without the trainer's own set-up
+    return [(f"attack {n}", object.__new__(VICTIMS[n][0]).attack(), False) for n in names]
+
+
 def _apply(transform, image, seg, seed):
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -62,22 +78,22 @@ def _apply(transform, image, seg, seed):
     return out["image"], out["segmentation"]
 
 
-def survival(transform, spatial, x, d, seg, seed, code) -> float:
-    """corr over foreground of T(x + d) - T(x) with the code as it should read after T (see the module docstring);
-    `code(labels)` draws the method's canonical code on a label map at each candidate phase, or is None."""
+def survival(transform, spatial, x, d, seg, seed, code) -> tuple[float, float]:
+    """(corr over foreground of T(x + d) - T(x) with the code as it should read after T, see the module docstring;
+    its amplitude relative to d's where T keeps voxels in place, else nan). `code(labels)` draws the method's
+    canonical code on a label map at each candidate phase, or is None."""
     adv, seg_t = _apply(transform, x + d, seg, seed)
     clean, _ = _apply(transform, x, seg, seed)
     if spatial is False:
-        ref = d
-    elif code is None:
-        return float("nan")
-    else:
-        labels = seg_t[0].numpy()
-        codes = [torch.from_numpy(c)[None] for c in code(labels)]
-        per_label = [(int((seg_t[0] == k).sum()), max(_corr(adv - clean, c, seg_t[0] == k) for c in codes))
-                     for k in np.unique(labels) if k > 0]
-        return float(sum(n * c for n, c in per_label) / sum(n for n, _ in per_label))
-    return _corr(adv - clean, ref, seg_t[0] > 0)
+        where = seg_t[0] > 0
+        return _corr(adv - clean, d, where), float((adv - clean)[:, where].norm() / d[:, where].norm())
+    if code is None:
+        return float("nan"), float("nan")
+    labels = seg_t[0].numpy()
+    codes = [torch.from_numpy(c)[None] for c in code(labels)]
+    per_label = [(int((seg_t[0] == k).sum()), max(_corr(adv - clean, c, seg_t[0] == k) for c in codes))
+                 for k in np.unique(labels) if k > 0]
+    return float(sum(n * c for n, c in per_label) / sum(n for n, _ in per_label)), float("nan")
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
@@ -116,6 +132,7 @@ def main(argv=None):
     p.add_argument("-pd", nargs="+", required=True, help="protected datasets written by nnUNetv2_voxshield_protect")
     p.add_argument("--cases", type=int, default=3, help="training cases per dataset")
     p.add_argument("--draws", type=int, default=16, help="random draws per transform and case")
+    p.add_argument("--attacks", nargs="*", default=[], help="adaptive attackers to add, by trainer name (ISS, Blur3D, ...)")
     p.add_argument("--out", default=str(HERE / "results" / "code_survival.json"))
     a = p.parse_args(argv)
 
@@ -127,6 +144,7 @@ def main(argv=None):
     src = load_source(a.d)
     foreground = src.plans_manager.get_label_manager(src.dataset_json).foreground_labels
     cm, pm = src.configuration_manager, src.plans_manager
+    extra = attacks(a.attacks)
     results = {}
     for protected in a.pd:
         name = dataset_name(protected)
@@ -140,13 +158,16 @@ def main(argv=None):
             x, xp, seg = clean_and_protected(src, name, identifier, pm, cm)
             x, d, seg = torch.from_numpy(x).float(), torch.from_numpy(xp - x).float(), torch.from_numpy(seg)
             seg = seg.clamp(min=0).to(torch.int16)
-            for t_name, transform, spatial in transforms(nnUNetTrainer, tuple(x.shape[1:]), ROTATION, MIRROR_AXES):
-                values = [survival(transform, spatial, x, d, seg, 1000 * k + case_index, code)
-                          for k in range(a.draws)]
-                rows.setdefault(t_name, []).extend(values)
+            for t_name, transform, spatial in [*transforms(nnUNetTrainer, tuple(x.shape[1:]), ROTATION, MIRROR_AXES),
+                                               *extra]:
+                rows.setdefault(t_name, []).extend(survival(transform, spatial, x, d, seg, 1000 * k + case_index, code)
+                                                   for k in range(a.draws))
         results[name] = {"method": method, "eps": report["settings"]["eps"],
-                         "survival": {k: float(np.nanmean(v)) for k, v in rows.items()}}
-        print(name, method, {k: round(v, 3) for k, v in results[name]["survival"].items()}, flush=True)
+                         "survival": {k: float(np.nanmean([c for c, _ in v])) for k, v in rows.items()},
+                         "amplitude": {k: float(np.mean([g for _, g in v])) for k, v in rows.items()
+                                       if not np.isnan(v[0][1])}}
+        for key in ("survival", "amplitude"):
+            print(name, method, key, {k: round(v, 3) for k, v in results[name][key].items()}, flush=True)
     record = {"command": " ".join(["python", "benchmarks/code_survival.py", *(argv or sys.argv[1:])]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.name,
               "cases": a.cases, "draws": a.draws, "results": results}

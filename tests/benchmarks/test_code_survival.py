@@ -6,7 +6,7 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from code_survival import MIRROR_AXES, ROTATION, shifted_code, survival, transforms
+from code_survival import MIRROR_AXES, ROTATION, attacks, shifted_code, survival, transforms
 from nnunet_voxshield.method.baselines import layered_code, method_gratings
 
 SHAPE = (24, 24, 24)
@@ -24,11 +24,13 @@ def tiny_case(layers):
     return x, d, torch.from_numpy(labels)[None], code
 
 
-def measured(layers, name):
+def measured(layers, name, amplitude=False):
+    """Survival (or, with `amplitude`, the amplitude kept) of the code under step `name` in each draw."""
     x, d, seg, code = tiny_case(layers)
-    steps = {t_name: (t, spatial) for t_name, t, spatial in transforms(nnUNetTrainer, SHAPE, ROTATION, MIRROR_AXES)}
+    steps = {t_name: (t, spatial) for t_name, t, spatial in [
+        *transforms(nnUNetTrainer, SHAPE, ROTATION, MIRROR_AXES), *attacks(["Blur3D", "Median"])]}
     transform, spatial = steps[name]
-    return [survival(transform, spatial, x, d, seg, seed, code) for seed in range(DRAWS)]
+    return [survival(transform, spatial, x, d, seg, seed, code)[int(amplitude)] for seed in range(DRAWS)]
 
 
 @pytest.mark.parametrize("method", ["codes", "parity", "twoscale"])
@@ -40,3 +42,15 @@ def test_label_codes_survive_intensity_transforms_and_mirroring(method, name):
 def test_a_diagonal_grating_does_not_survive_mirroring():
     diagonal = {k: (np.array([1.0, 1.0, 0.0]) / np.sqrt(2), 4.0, 0.3) for k in (1, 2)}
     assert min(measured([(1.0, diagonal)], "Mirror")) < 0.5
+
+
+def test_a_blur_keeps_the_presence_gratings_shape_but_not_its_strength_and_noise_keeps_both():
+    presence = method_gratings("presence", [1, 2], seed=0)
+    assert min(measured(presence, "attack Blur3D")) > 0.9
+    assert max(measured(presence, "attack Blur3D", amplitude=True)) < 0.5  # period 4, sigma 1: about 0.3
+    np.testing.assert_allclose(measured(presence, "GaussianNoise", amplitude=True), 1.0, atol=1e-4)
+
+
+def test_an_unknown_attacker_is_refused_with_the_names_to_choose_from():
+    with pytest.raises(SystemExit, match="ISS"):
+        attacks(["Sharpen"])
