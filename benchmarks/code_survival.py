@@ -62,12 +62,12 @@ def transforms(trainer_cls, patch_size, rotation, mirror_axes):
 def attacks(names: list[str]) -> list:
     """(name, transform, False) for each named adaptive attacker: the attack its trainer runs on every sample."""
     from nnunet_voxshield_trainers.nnUNetTrainerVoxShieldVictims import VICTIMS
-    unknown = [n for n in names if not hasattr(VICTIMS.get(n, (object,))[0], "attack")]
+    attackers = {n: cls for n, (cls, _) in VICTIMS.items() if hasattr(cls, "attack")}
+    unknown = [n for n in names if n not in attackers]
     if unknown:
-        raise SystemExit(f"no attacker named {unknown}; choose from "
-                         f"{[n for n, (cls, _) in VICTIMS.items() if hasattr(cls, 'attack')]}")
+        raise SystemExit(f"no attacker named {unknown}; choose from {list(attackers)}")
     # an attack reads only its class's settings, so it is built without the trainer's own set-up
-    return [(f"attack {n}", object.__new__(VICTIMS[n][0]).attack(), False) for n in names]
+    return [(f"attack {n}", object.__new__(attackers[n]).attack(), False) for n in names]
 
 
 def _apply(transform, image, seg, seed):
