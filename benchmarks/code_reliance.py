@@ -14,6 +14,10 @@ the anatomy even where the code is present. On the clean image the script also s
 of the labelled voxels: labelled voxels called background ("missed": a code acting as a gate that stays shut without
 it), labelled voxels given another label, and background voxels called foreground; and its Dice per label.
 
+With `-net source` the network is instead fold 0 trained on the clean source, the network `--method targeted`
+attacks: its Dice on the protected images says whether the attack succeeded before any victim is trained on them,
+and each input is also scored against the labels the attack aims at (the cyclic shift of the labels).
+
     python benchmarks/code_reliance.py -d 502 -pd 613 619 -tr nnUNetTrainerVS_Short --out results/code_reliance.json
 """
 import argparse
@@ -63,14 +67,22 @@ def clean_errors(predictions: list[np.ndarray], references: list[np.ndarray], pe
             "dice per label": {str(k): float(np.mean(v)) if v else None for k, v in per_label.items()}}
 
 
-def reliance(source: str, protected: str, trainer: str, checkpoint: str, device) -> dict:
-    """Mean Dice of fold 0's victim on its training cases (listed) from each of INPUTS, and its errors on the clean
-    images."""
+def shifted(reference: np.ndarray, permutation: list[int]) -> np.ndarray:
+    """The label map a targeted attack aims at: each label k replaced by permutation[k]; -1 (outside nnU-Net's
+    nonzero region) kept."""
+    return np.where(reference >= 0, np.asarray(permutation)[np.maximum(reference, 0)], reference)
+
+
+def reliance(source: str, protected: str, trainer: str, checkpoint: str, device, network: str = "victim") -> dict:
+    """Mean Dice of a fold-0 network (the victim trained on `protected`, or with network="source" the one trained
+    on the clean source) on the protected set's training cases (listed) from each of INPUTS, and its errors on the
+    clean images; for the source network also each input's Dice against the targeted attack's labels."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice, predict_cases
     from nnunet_voxshield.nnunet.source import load_source
     results = require_env("nnUNet_results")["nnUNet_results"]
-    folder = results / protected / f"{trainer}__nnUNetPlans__3d_fullres"
+    from nnunet_voxshield.method.objectives import cyclic_shift
+    folder = results / (protected if network == "victim" else source) / f"{trainer}__nnUNetPlans__3d_fullres"
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=False, device=device, verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,), checkpoint_name=checkpoint)
@@ -85,6 +97,10 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device)
         predictions, references = predict_cases(predictor, cases), [np.asarray(seg)[0] for _, seg in cases]
         per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
         out[name] = mean_dice(per_case)
+        if network == "source":
+            target = cyclic_shift(len(labels))
+            out[f"{name} vs target"] = mean_dice([dice_per_label(p, shifted(r, target), labels)
+                                                  for p, r in zip(predictions, references)])
         if name == "clean":
             out["clean errors"] = clean_errors(predictions, references, per_case)
     return out
@@ -96,6 +112,9 @@ def main(argv=None):
     p.add_argument("-pd", nargs="+", required=True, help="protected datasets with a trained fold-0 victim")
     p.add_argument("-tr", default="nnUNetTrainerVS_Short", help="the victims' trainer [nnUNetTrainerVS_Short]")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name [checkpoint_final.pth]")
+    p.add_argument("-net", choices=("victim", "source"), default="victim",
+                   help="whose fold-0 network reads the inputs: the victim trained on each protected set, or the "
+                        "network trained on the clean source (a targeted attack's success) [victim]")
     p.add_argument("--out", default=None, help="json file for the results")
     a = p.parse_args(argv)
     import torch
@@ -104,13 +123,14 @@ def main(argv=None):
     rows = {}
     for pd in a.pd:
         protected = dataset_name(pd)
-        rows[protected] = reliance(source, protected, a.tr, a.chk, torch.device("cpu"))
+        rows[protected] = reliance(source, protected, a.tr, a.chk, torch.device("cpu"), a.net)
         errors = rows[protected]["clean errors"]
-        print(f"{protected}: " + ", ".join(f"{k} {rows[protected][k]:.3f}" for k in INPUTS) + "; on the clean image "
+        print(f"{protected}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[protected].items()
+                                             if isinstance(v, float)) + "; on the clean image "
               + ", ".join(f"{k} {errors[k]:.3f}" for k in ("missed", "other label", "false foreground")), flush=True)
     result = {"command": "python benchmarks/code_reliance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "source": source, "trainer": a.tr, "checkpoint": a.chk, "victims": rows}
+              "cpus": os.cpu_count(), "source": source, "trainer": a.tr, "checkpoint": a.chk, "network": a.net, "victims": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2))
