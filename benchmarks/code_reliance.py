@@ -78,10 +78,10 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device,
     on the clean source) on the protected set's training cases (listed) from each of INPUTS, and its errors on the
     clean images; for the source network also each input's Dice against the targeted attack's labels."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunet_voxshield.method.objectives import cyclic_shift
     from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice, predict_cases
     from nnunet_voxshield.nnunet.source import load_source
     results = require_env("nnUNet_results")["nnUNet_results"]
-    from nnunet_voxshield.method.objectives import cyclic_shift
     folder = results / (protected if network == "victim" else source) / f"{trainer}__nnUNetPlans__3d_fullres"
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=False, device=device, verbose=False, allow_tqdm=False)
@@ -92,13 +92,13 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device,
     inputs = reliance_inputs(load_source(source).preprocessed_dataset(train),
                              load_source(protected).preprocessed_dataset(train), train)
     labels = predictor.label_manager.foreground_labels
+    target = cyclic_shift(len(labels)) if network == "source" else None
     out = {"cases": train}
     for name, cases in inputs.items():
         predictions, references = predict_cases(predictor, cases), [np.asarray(seg)[0] for _, seg in cases]
         per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
         out[name] = mean_dice(per_case)
-        if network == "source":
-            target = cyclic_shift(len(labels))
+        if target is not None:
             out[f"{name} vs target"] = mean_dice([dice_per_label(p, shifted(r, target), labels)
                                                   for p, r in zip(predictions, references)])
         if name == "clean":
@@ -109,7 +109,8 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", required=True, help="clean source dataset (id or name), preprocessed")
-    p.add_argument("-pd", nargs="+", required=True, help="protected datasets with a trained fold-0 victim")
+    p.add_argument("-pd", nargs="+", required=True,
+                   help="protected datasets, each with a trained fold-0 victim unless -net source")
     p.add_argument("-tr", default="nnUNetTrainerVS_Short", help="the victims' trainer [nnUNetTrainerVS_Short]")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name [checkpoint_final.pth]")
     p.add_argument("-net", choices=("victim", "source"), default="victim",
@@ -130,7 +131,8 @@ def main(argv=None):
               + ", ".join(f"{k} {errors[k]:.3f}" for k in ("missed", "other label", "false foreground")), flush=True)
     result = {"command": "python benchmarks/code_reliance.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "source": source, "trainer": a.tr, "checkpoint": a.chk, "network": a.net, "victims": rows}
+              "cpus": os.cpu_count(), "source": source, "trainer": a.tr, "checkpoint": a.chk, "network": a.net,
+              "victims": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=2))
