@@ -52,6 +52,7 @@ class Schedule:
     step_size: float = 0.25        # step as a fraction of eps
     patches: int = 0               # patches per noise step (0: the plans' batch size)
     eot: bool = True               # optimise through random nnU-Net-like augmentations
+    eot_hard: float = 0.0          # share of those draws with noise, blur and low resolution all forced on
     stop_ratio: float = 0.0        # stop once CE(x+delta)/CE(x) of the surrogate falls below this (0: never)
     reinit_every: int = 0          # rounds between re-initialisations of the surrogate (0: never)
     free_band: int = 0             # noise steps move only voxels within this many of a label boundary (0: all)
@@ -95,7 +96,7 @@ class ProtectSettings:
             d.pop(k)
         if d["init"] == "uniform":
             del d["init"]
-        for k in ("reinit_every", "free_band"):
+        for k in ("reinit_every", "free_band", "eot_hard"):
             if d["schedule"][k] == 0:
                 del d["schedule"][k]
         return d

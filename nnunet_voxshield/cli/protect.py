@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-steps", type=int, default=d.noise_steps, help=f"noise steps per case per round [{d.noise_steps}]")
     p.add_argument("--step-size", type=float, default=d.step_size, help=f"noise step as a fraction of eps [{d.step_size}]")
     p.add_argument("--no-eot", action="store_true", help="optimise without random augmentations (the paper's setting)")
+    p.add_argument("--eot-hard", type=float, default=d.eot_hard,
+                   help="share of the augmentation draws with Gaussian noise, blur and low resolution all forced on, "
+                        "so the perturbation also survives blurring and quantising attackers (ISS) [0: nnU-Net's rates]")
     p.add_argument("--stop-ratio", type=float, default=d.stop_ratio,
                    help="stop early once surrogate cross-entropy on x+delta / on clean x falls below this [0: never]")
     p.add_argument("--reinit-every", type=int, default=d.reinit_every,
@@ -87,7 +90,7 @@ def main(argv=None):
         dataset=a.d, output_id=a.o, configuration=a.c, plans=a.p, device=a.device, method=a.method, eps=a.eps,
         eps_raw=a.eps_raw, lambda_z=a.lambda_z, lambda_s=a.lambda_s, roi=a.roi, slice_axis=a.slice_axis,
         schedule=Schedule(rounds=a.rounds, surrogate_iters=a.surrogate_iters, noise_steps=a.noise_steps,
-                          step_size=a.step_size, eot=not a.no_eot, stop_ratio=a.stop_ratio,
+                          step_size=a.step_size, eot=not a.no_eot, eot_hard=a.eot_hard, stop_ratio=a.stop_ratio,
                           reinit_every=a.reinit_every, free_band=a.free_band),
         seed=a.seed, warm_start=a.warm_start, init=a.init, overwrite=a.overwrite, resume_only=a.resume_only,
         num_processes=a.np, num_gpus=a.num_gpus, min_survival=a.min_survival, accept_low_survival=a.accept_low_survival,

@@ -155,7 +155,7 @@ def run_bilevel(src: Source, cases: list[PreparedCase], s: ProtectSettings, devi
     generator = torch.Generator()
     rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     args = (trainer, src.preprocessed_dataset(), states, objective(s, trainer), schedule_of(s),
-            EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator), generator, s.seed)
+            EOTAugment(rotation, mirror_axes, dummy_2d, generator=generator, hard=s.schedule.eot_hard), generator, s.seed)
     if s.method == "generator":
         # -1 is nnU-Net's mark for background outside the nonzero region, where delta is zero anyway
         labels = {c.identifier: torch.from_numpy(np.maximum(c.labels, 0).astype(np.int16)).to(device) for c in cases}

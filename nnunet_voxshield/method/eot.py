@@ -57,14 +57,19 @@ class EOTAugment:
     overrides single entries of DEFAULT_PROBABILITIES (after strength). `generator` is a CPU torch.Generator
     or an int seed; None uses torch's global random state. All draws happen on the CPU (the parameters are a
     handful of numbers; the noise volume is moved to the data's device), so a seed gives the same
-    augmentations on every device."""
+    augmentations on every device. `hard` is the share of samples in which Gaussian noise, blur and low
+    resolution are all forced on (blur and low resolution on every channel), so that a perturbation is also
+    optimised for the degradations that shortcut-squeezing attackers apply; 0 draws exactly as nnU-Net."""
 
     def __init__(self, rotation_for_DA: RandomRange, mirror_axes: Optional[Sequence[int]],
                  do_dummy_2d_data_aug: bool, strength: float = 1.0,
                  generator: Union[torch.Generator, int, None] = None,
-                 probabilities: Optional[Mapping[str, float]] = None):
+                 probabilities: Optional[Mapping[str, float]] = None, hard: float = 0.0):
         if not strength >= 0:
             raise VoxShieldError(f"augmentation strength must be >= 0, got {strength}")
+        if not 0 <= hard <= 1:
+            raise VoxShieldError(f"the share of hard augmentation draws must be in [0, 1], got {hard}")
+        self.hard = float(hard)
         self.rotation_range = _as_range(rotation_for_DA)
         self.mirror_axes = tuple(int(a) for a in (mirror_axes or ()))
         self.dummy_2d = bool(do_dummy_2d_data_aug)
@@ -115,11 +120,13 @@ class EOTAugment:
         if len(out_size) != data.ndim - 2 or any(o > s for o, s in zip(out_size, data.shape[2:])):
             raise ValueError(f"patch_size {out_size} must not exceed the input's spatial shape {data.shape[2:]}")
         data, seg = self._spatial(data, seg, out_size)
-        data = self._noise(data)
-        data = self._blur(data)
+        # drawn only when asked for, so that hard=0 consumes the random stream exactly as before
+        hard = self._rand(data.shape[0]) < self.hard if self.hard > 0 else torch.zeros(data.shape[0], dtype=torch.bool)
+        data = self._noise(data, hard)
+        data = self._blur(data, hard)
         data = self._brightness(data)
         data = self._contrast(data)
-        data = self._low_resolution(data)
+        data = self._low_resolution(data, hard)
         data = self._gamma(data, "gamma_inverted", invert=True)
         data = self._gamma(data, "gamma", invert=False)
         return self._mirror(data, seg)
@@ -141,17 +148,17 @@ class EOTAugment:
                                 align_corners=False).round().to(seg.dtype)
         return data_out.index_copy(0, warped, new_data), seg_out.index_copy(0, warped, new_seg)
 
-    def _noise(self, data):
+    def _noise(self, data, hard):
         b = data.shape[0]
-        std = torch.where(self._coin("noise", b), self._uniform(NOISE_STD_RANGE, b), 0.0)
+        std = torch.where(self._coin("noise", b) | hard, self._uniform(NOISE_STD_RANGE, b), 0.0)
         if not bool((std > 0).any()):
             return data
         noise = torch.randn(data.shape, generator=self.generator, dtype=data.dtype).to(data.device)
         return data + noise * _per_sample(std, data)
 
-    def _blur(self, data):
+    def _blur(self, data, hard):
         b, c, dim = data.shape[0], data.shape[1], data.ndim - 2
-        chosen = self._coin("blur", b)[:, None] & (self._rand(b, c) < BLUR_P_PER_CHANNEL)
+        chosen = (self._coin("blur", b)[:, None] & (self._rand(b, c) < BLUR_P_PER_CHANNEL)) | hard[:, None]
         sigmas = self._uniform(BLUR_SIGMA_RANGE, b, c, dim)
         return _on_rows(data, chosen, _gaussian_blur_rows, sigmas)
 
@@ -165,9 +172,9 @@ class EOTAugment:
         chosen = self._coin("contrast", b)[:, None].expand(b, c)
         return _on_rows(data, chosen, _contrast_rows, self._factor(CONTRAST_RANGE, b, c))
 
-    def _low_resolution(self, data):
+    def _low_resolution(self, data, hard):
         b, c = data.shape[:2]
-        chosen = self._coin("lowres", b)[:, None] & (self._rand(b, c) < LOWRES_P_PER_CHANNEL)
+        chosen = (self._coin("lowres", b)[:, None] & (self._rand(b, c) < LOWRES_P_PER_CHANNEL)) | hard[:, None]
         zooms = self._uniform(LOWRES_ZOOM_RANGE, b, c)
         kept_axes = (0,) if self.dummy_2d and data.ndim == 5 else ()
         return _on_rows(data, chosen, lambda rows, z: _low_resolution_rows(rows, z, kept_axes), zooms)

@@ -48,6 +48,8 @@ def validate(s: ProtectSettings) -> None:
                                                                 or s.init == "uniform")):
         raise VoxShieldError("--free-band refines a start it keeps elsewhere: it needs --init codes or presence and "
                              "--method voxshield or targeted, and must be >= 0")
+    if not 0 <= s.schedule.eot_hard <= 1 or (s.schedule.eot_hard and not s.schedule.eot):
+        raise VoxShieldError("--eot-hard is a share of the augmentation draws: give a value in [0, 1], without --no-eot")
     if s.lambda_z < 0 or s.lambda_s < 0:
         raise VoxShieldError("--lambda-z and --lambda-s must be >= 0")
     if s.schedule.rounds < 1 or s.schedule.noise_steps < 1 or s.schedule.surrogate_iters < 0:

@@ -179,6 +179,8 @@ ARGUMENT_CASES = [
     ("reinit_of_targeted", ["-d", SRC, "--method", "targeted", "--warm-start", "x.pth", "--reinit-every", "2"],
      ["0 with --method targeted"]),
     ("free_band_without_a_code", ["-d", SRC, "--free-band", "1"], ["--free-band refines a start", "--init codes"]),
+    ("eot_hard_out_of_range", ["-d", SRC, "--eot-hard", "1.5"], ["--eot-hard is a share", "[0, 1]"]),
+    ("eot_hard_without_eot", ["-d", SRC, "--eot-hard", "0.5", "--no-eot"], ["--eot-hard", "without --no-eot"]),
     ("absence_on_the_labels", ["-d", SRC, "--method", "absence"], ["--method absence codes the background",
                                                                    "--roi all"]),
     ("rim_on_the_labels", ["-d", SRC, "--method", "rim"], ["--method rim codes the background", "--roi all"]),

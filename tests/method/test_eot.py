@@ -72,6 +72,33 @@ def test_each_forced_transform_changes_data_and_passes_gradient(key):
     assert data.grad.abs().sum() > 0
 
 
+def test_hard_draws_force_noise_blur_and_low_resolution_on_every_channel(monkeypatch):
+    from nnunet_voxshield.method import eot
+    calls = []
+
+    def counted(name):
+        def identity(rows, *args):  # counts the rows a transform gets and leaves them, so only the noise remains
+            calls.append((name, len(rows)))
+            return rows
+        return identity
+
+    for name in ("_gaussian_blur_rows", "_low_resolution_rows"):
+        monkeypatch.setattr(eot, name, counted(name))
+    data, seg = batch(shape=(4, 2, 8, 8, 8))
+    make = lambda hard: EOTAugment(ROTATION_3D, (0, 1, 2), False, generator=0, probabilities=only(), hard=hard)
+    assert torch.equal(make(0.0)(data, seg)[0], data) and calls == []
+    out, out_seg = make(1.0)(data, seg)
+    assert calls == [("_gaussian_blur_rows", 8), ("_low_resolution_rows", 8)]  # 4 samples x 2 channels
+    assert (out != data).flatten(1).all(1).all() and torch.equal(out_seg, seg)  # noise on every sample
+
+
+def test_hard_share_is_drawn_per_sample():
+    data, seg = batch(shape=(200, 1, 4, 4, 4))
+    out, _ = EOTAugment(ROTATION_3D, (0, 1, 2), False, generator=3, probabilities=only(), hard=0.3)(data, seg)
+    changed = int((out != data).flatten(1).any(1).sum())
+    assert 40 <= changed <= 80  # 60 expected; binomial sd 6.5
+
+
 def test_gradient_is_finite_with_everything_on_and_dummy_2d():
     data, seg = batch((4, 2, 8, 16, 16))
     data.requires_grad_(True)
@@ -134,7 +161,7 @@ def test_strength_scales_and_overrides_replace_probabilities():
 
 
 @pytest.mark.parametrize("kwargs", [{"strength": -1}, {"probabilities": {"elastic": 0.5}},
-                                    {"probabilities": {"blur": 1.5}}])
+                                    {"probabilities": {"blur": 1.5}}, {"hard": -0.1}, {"hard": 1.5}])
 def test_bad_settings_are_user_errors(kwargs):
     with pytest.raises(VoxShieldError):
         EOTAugment(ROTATION_3D, (0, 1, 2), False, **kwargs)
