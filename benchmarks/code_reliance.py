@@ -67,18 +67,13 @@ def clean_errors(predictions: list[np.ndarray], references: list[np.ndarray], pe
             "dice per label": {str(k): float(np.mean(v)) if v else None for k, v in per_label.items()}}
 
 
-def shifted(reference: np.ndarray, permutation: list[int]) -> np.ndarray:
-    """The label map a targeted attack aims at: each label k replaced by permutation[k]; -1 (outside nnU-Net's
-    nonzero region) kept."""
-    return np.where(reference >= 0, np.asarray(permutation)[np.maximum(reference, 0)], reference)
-
-
 def reliance(source: str, protected: str, trainer: str, checkpoint: str, device, network: str = "victim") -> dict:
     """Mean Dice of a fold-0 network (the victim trained on `protected`, or with network="source" the one trained
     on the clean source) on the protected set's training cases (listed) from each of INPUTS, and its errors on the
     clean images; for the source network also each input's Dice against the targeted attack's labels."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunet_voxshield.method.objectives import cyclic_shift
+    import torch
+    from nnunet_voxshield.method.objectives import cyclic_shift, permute_labels
     from nnunet_voxshield.nnunet.scoring import dice_per_label, mean_dice, predict_cases
     from nnunet_voxshield.nnunet.source import load_source
     results = require_env("nnUNet_results")["nnUNet_results"]
@@ -99,7 +94,7 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device,
         per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
         out[name] = mean_dice(per_case)
         if target is not None:
-            out[f"{name} vs target"] = mean_dice([dice_per_label(p, shifted(r, target), labels)
+            out[f"{name} vs target"] = mean_dice([dice_per_label(p, permute_labels(torch.from_numpy(r), target).numpy(), labels)
                                                   for p, r in zip(predictions, references)])
         if name == "clean":
             out["clean errors"] = clean_errors(predictions, references, per_case)

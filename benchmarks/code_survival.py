@@ -96,6 +96,13 @@ def survival(transform, spatial, x, d, seg, seed, code) -> tuple[float, float]:
     return float(sum(n * c for n, c in per_label) / sum(n for n, _ in per_label)), float("nan")
 
 
+def mean_measured(values: list[float]) -> float | None:
+    """Mean over the draws that measured something; None (JSON null) where no draw could, e.g. a spatial step of a
+    method without a canonical code."""
+    measured = [v for v in values if not np.isnan(v)]
+    return float(np.mean(measured)) if measured else None
+
+
 def _corr(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
     a, b = a[:, where].double().ravel(), b[:, where].double().ravel()
     a, b = a - a.mean(), b - b.mean()
@@ -163,16 +170,17 @@ def main(argv=None):
                 rows.setdefault(t_name, []).extend(survival(transform, spatial, x, d, seg, 1000 * k + case_index, code)
                                                    for k in range(a.draws))
         results[name] = {"method": method, "eps": report["settings"]["eps"],
-                         "survival": {k: float(np.nanmean([c for c, _ in v])) for k, v in rows.items()},
+                         "survival": {k: mean_measured([c for c, _ in v]) for k, v in rows.items()},
                          "amplitude": {k: float(np.mean([g for _, g in v])) for k, v in rows.items()
                                        if not np.isnan(v[0][1])}}
         for key in ("survival", "amplitude"):
-            print(name, method, key, {k: round(v, 3) for k, v in results[name][key].items()}, flush=True)
+            print(name, method, key, {k: v if v is None else round(v, 3) for k, v in results[name][key].items()},
+                  flush=True)
     record = {"command": " ".join(["python", "benchmarks/code_survival.py", *(argv or sys.argv[1:])]),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": src.name,
               "cases": a.cases, "draws": a.draws, "results": results}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=2))
+    Path(a.out).write_text(json.dumps(record, indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -136,14 +136,20 @@ class TargetedObjective:
 
     def __init__(self, seg_loss, permutation):
         self.seg_loss = seg_loss
-        self.permutation = torch.as_tensor(list(permutation), dtype=torch.long)
+        self.permutation = list(permutation)
         self.lambda_s = 0.0  # the loop needs no clean logits
 
     def __call__(self, logits_adv: Logits, target, delta: torch.Tensor, slice_axis: int,
                  logits_clean: Optional[Logits] = None) -> Tuple[torch.Tensor, dict]:
-        permuted = self.permutation.to(target.device)[target.long()].to(target.dtype)
-        seg = self.seg_loss(logits_adv, permuted)
+        seg = self.seg_loss(logits_adv, permute_labels(target, self.permutation))
         return seg, {"seg": seg.item(), "zdiv": float("nan"), "spd": float("nan")}
+
+
+def permute_labels(target: torch.Tensor, permutation) -> torch.Tensor:
+    """The label map a targeted attack aims at: each label k replaced by permutation[k], in target's dtype; negative
+    values (nnU-Net's -1 outside the nonzero region) kept."""
+    lut = torch.as_tensor(list(permutation), dtype=torch.long, device=target.device)
+    return torch.where(target >= 0, lut[target.long().clamp(min=0)].to(target.dtype), target)
 
 
 def cyclic_shift(n_foreground: int) -> list[int]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from code_survival import MIRROR_AXES, ROTATION, attacks, shifted_code, survival, transforms
+from code_survival import MIRROR_AXES, ROTATION, attacks, mean_measured, shifted_code, survival, transforms
 from nnunet_voxshield.method.baselines import layered_code, method_gratings
 
 SHAPE = (24, 24, 24)
@@ -54,3 +54,9 @@ def test_a_blur_keeps_the_presence_gratings_shape_but_not_its_strength_and_noise
 def test_an_unknown_attacker_is_refused_with_the_names_to_choose_from():
     with pytest.raises(SystemExit, match="ISS"):
         attacks(["Sharpen"])
+
+
+
+def test_a_step_no_draw_could_measure_is_null_in_the_report_not_nan():
+    assert mean_measured([float("nan"), float("nan")]) is None
+    assert mean_measured([0.5, float("nan"), 0.7]) == pytest.approx(0.6)

@@ -9,7 +9,8 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunet_voxshield.errors import VoxShieldError
-from nnunet_voxshield.method.objectives import VoxShieldObjective, select_slice_axis, spd, zdiv, zdiv_profile
+from nnunet_voxshield.method.objectives import (TargetedObjective, VoxShieldObjective, cyclic_shift, permute_labels,
+                                                select_slice_axis, spd, zdiv, zdiv_profile)
 
 
 def nnunet_seg_loss():
@@ -223,3 +224,21 @@ def test_override_wins_and_is_validated():
     for bad in (3, -1, 1.0, True, "z"):
         with pytest.raises(VoxShieldError):
             select_slice_axis((5.0, 1.0, 1.0), (0, 1, 2), override=bad)
+
+
+# ---------------------------------------------------------------- targeted poisoning
+
+def test_the_attacks_labels_move_every_label_keep_the_region_outside_and_the_dtype():
+    reference = torch.tensor([[-1, 0, 1], [2, 3, 3]], dtype=torch.int16)
+    target = permute_labels(reference, cyclic_shift(3))
+    assert target.dtype == torch.int16
+    np.testing.assert_array_equal(target.numpy(), [[-1, 0, 2], [3, 1, 1]])
+
+
+def test_targeted_objective_is_the_segmentation_loss_toward_the_permuted_labels():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 4, 5, 6, 7), torch.randint(0, 4, (2, 1, 5, 6, 7)).float()
+    loss, terms = TargetedObjective(nnunet_seg_loss(), cyclic_shift(3))(logits, labels, torch.zeros(1), 2)
+    assert loss.item() == pytest.approx(nnunet_seg_loss()(logits, permute_labels(labels, cyclic_shift(3))).item())
+    assert loss.item() != pytest.approx(nnunet_seg_loss()(logits, labels).item())
+    assert math.isnan(terms["zdiv"]) and math.isnan(terms["spd"])
