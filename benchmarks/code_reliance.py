@@ -94,8 +94,8 @@ def reliance(source: str, protected: str, trainer: str, checkpoint: str, device,
         per_case = [dice_per_label(p, r, labels) for p, r in zip(predictions, references)]
         out[name] = mean_dice(per_case)
         if target is not None:
-            out[f"{name} vs target"] = mean_dice([dice_per_label(p, permute_labels(torch.from_numpy(r), target).numpy(), labels)
-                                                  for p, r in zip(predictions, references)])
+            targets = [permute_labels(torch.from_numpy(r), target).numpy() for r in references]
+            out[f"{name} vs target"] = mean_dice([dice_per_label(p, t, labels) for p, t in zip(predictions, targets)])
         if name == "clean":
             out["clean errors"] = clean_errors(predictions, references, per_case)
     return out
